@@ -1,0 +1,8 @@
+"""The public, reusable ops. Each has `triton`, `cuda` (where it exists) and `torch` backends behind one function.
+
+Importing this package is cheap: Triton kernels and the CUDA extension load on first use of their backend.
+"""
+
+from qlfast.ops.linear_logprob import linear_logprob, linear_logprob_with_lse
+
+__all__ = ["linear_logprob", "linear_logprob_with_lse"]
