@@ -11,6 +11,27 @@ import sys
 from setuptools import setup
 
 
+def _cublas(cuda_home):
+    """(include_dirs, library_dirs, libraries, link_args) for cuBLAS: the toolkit's, else the nvidia-cublas wheel's.
+
+    CUDA torch wheels depend on the nvidia-cublas pip package; a toolkit installed without cuBLAS development files
+    still builds against that package's headers and its versioned libcublas.so.N (torch has loaded it already).
+    """
+    if os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+        return [], [], ["cublas"], []
+    for root in sys.path:
+        for header in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include", "cublas_v2.h"))):
+            pkg = os.path.dirname(os.path.dirname(header))
+            libs = sorted(glob.glob(os.path.join(pkg, "lib", "libcublas.so*")))
+            if not libs:
+                continue
+            plain = os.path.join(pkg, "lib", "libcublas.so")
+            if plain in libs:
+                return [os.path.dirname(header)], [os.path.dirname(plain)], ["cublas"], []
+            return [os.path.dirname(header)], [], [], [libs[0], f"-Wl,-rpath,{os.path.dirname(libs[0])}"]
+    raise SystemExit(f"qlfast: cuBLAS headers not found in {cuda_home}/include nor in an nvidia-cublas wheel")
+
+
 def _cuda_extension():
     want = os.environ.get("QLFAST_BUILD_CUDA", "auto")
     if want == "0":
@@ -29,14 +50,19 @@ def _cuda_extension():
         if not sources:
             return [], {}, "csrc/ has no sources"
         arch = os.environ.get("QLFAST_CUDA_ARCH", "-gencode=arch=compute_90a,code=sm_90a")
+        include_dirs, library_dirs, libraries, link_args = _cublas(CUDA_HOME)
+        # No -std flag: BuildExtension adds the one the installed torch's headers need (C++17 or C++20).
         ext = CUDAExtension(
             "qlfast._C",
             sources=sources,
+            include_dirs=include_dirs,
+            library_dirs=library_dirs,
+            libraries=libraries,
+            extra_link_args=link_args,
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17"],
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *arch.split()],
+                "cxx": ["-O3"],
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", *arch.split()],
             },
-            libraries=["cublas", "cublasLt"],
         )
         return [ext], {"build_ext": BuildExtension}, None
     if want == "1":

@@ -4,5 +4,6 @@ Importing this package is cheap: Triton kernels and the CUDA extension load on f
 """
 
 from qlfast.ops.linear_logprob import linear_logprob, linear_logprob_with_lse
+from qlfast.ops.policy_loss import PolicyLossConfig, policy_loss
 
-__all__ = ["linear_logprob", "linear_logprob_with_lse"]
+__all__ = ["PolicyLossConfig", "linear_logprob", "linear_logprob_with_lse", "policy_loss"]

@@ -2,10 +2,11 @@
 
     logprob, entropy = linear_logprob(hidden, weight, targets, temperature=0.7, return_entropy=True)
 
-Memory contract: the (N, V) logits are never materialised. The triton backend keeps an online log-sum-exp,
+Memory contract: the (N, V) logits are never materialised. The triton forward keeps an online log-sum-exp,
 target logit and entropy per row in registers while it tiles the GEMM (extra memory O(N)); the cuda and torch
 backends walk chunks of the logits (extra memory O(chunk x V)). Backward recomputes logit tiles from the saved
-fp32 LSE. The LSE, entropy and dW accumulate in fp32 for every backend.
+fp32 LSE (triton: one (N, Vc) dz chunk of <= 256 MiB at a time plus an fp32 (N, H) dh accumulator; see
+kernels/linear_logprob.py). The LSE, entropy and dW accumulate in fp32 for every backend.
 
 All three backends share one contract, so one autograd.Function serves them:
     fwd(hidden, weight, targets, inv_temp, with_entropy) -> (logprob, entropy | None, lse)

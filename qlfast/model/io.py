@@ -1,0 +1,115 @@
+"""Hugging Face checkpoint I/O: config.json + model.safetensors, or shards with model.safetensors.index.json.
+
+Parameter names are HF's own, so loading is a name-for-name copy and saving writes what transformers'
+AutoModelForCausalLM and vLLM read unchanged. Loading streams one tensor at a time from safetensors (memory: the
+model plus one tensor); the model is built on the meta device first and materialised on the target device, so a 7B
+checkpoint never exists twice in memory. A tied model stores no lm_head.weight (as HF writes it); a checkpoint that
+has one anyway is accepted and the extra tensor is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """name -> file for every tensor in the checkpoint at `path`."""
+    index = os.path.join(path, INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            wmap = json.load(f)["weight_map"]
+        return {name: os.path.join(path, fname) for name, fname in wmap.items()}
+    single = os.path.join(path, SINGLE)
+    if not os.path.exists(single):
+        raise ValueError(f"from_pretrained: {path} has neither {SINGLE} nor {INDEX}")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _config_dtype(config):
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
+
+
+@torch.no_grad()
+def load_weights(model, path, *, dtype=None, device=None) -> None:
+    """Materialise `model` (built on meta) on `device` in `dtype` (default: config dtype, else fp32) from `path`."""
+    path = os.fspath(path)
+    device = torch.device(device or "cpu")
+    dtype = dtype or _config_dtype(model.config) or torch.float32
+    files = _weight_files(path)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(files))
+    if missing:
+        raise ValueError(f"from_pretrained: {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    unexpected = sorted(n for n in set(files) - set(params) if "rotary_emb" not in n and n != "lm_head.weight")
+    if unexpected:
+        raise ValueError(f"from_pretrained: {path} has tensors this model does not: {unexpected[:5]}")
+    model.to(dtype)  # still on meta: free; then allocate once, in the final dtype
+    model.to_empty(device=device)
+    by_file: dict[str, list[str]] = {}
+    for name in params:
+        by_file.setdefault(files[name], []).append(name)
+    for fname, names in by_file.items():
+        with safe_open(fname, framework="pt", device="cpu") as f:
+            for name in names:
+                t = f.get_tensor(name)
+                if t.shape != params[name].shape:
+                    raise ValueError(f"from_pretrained: {name} has shape {tuple(t.shape)} in {fname}, the config "
+                                     f"expects {tuple(params[name].shape)}")
+                params[name].copy_(t)
+    from qlfast.model.rope import rope_parameters
+
+    model.model.rotary_emb.inv_freq = rope_parameters(model.config, device)[0]
+
+
+def save(model, path, *, tokenizer=None, max_shard_bytes: int = 4 * 2**30, state_dict=None) -> None:
+    """Write config.json, safetensors (sharded past max_shard_bytes, with an index) and the tokenizer if given.
+
+    state_dict: pass a gathered full state dict when the model is sharded (FSDP2); default: model.state_dict()."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if "rotary_emb" not in k}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    for stale in (SINGLE, INDEX):
+        if os.path.exists(os.path.join(path, stale)):
+            os.remove(os.path.join(path, stale))
+    shards, cur, cur_bytes = [], {}, 0
+    for name, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and cur_bytes + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[name] = t
+        cur_bytes += nbytes
+    shards.append(cur)
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, SINGLE), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, fname), metadata=meta)
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        with open(os.path.join(path, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = model.config
+    dtype = next(iter(sd.values())).dtype
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)

@@ -1,0 +1,116 @@
+"""A memory model for one training step of QwenForCausalLM: predicted peak device memory, by part.
+
+    parts = estimate(config, seq_len=60_000, sp=1, dp=1, options=MemoryOptions(offload=True))
+    parts["total"] / 2**30  # GiB on each device; parts["host"]: pinned CPU memory for offloaded checkpoints
+
+T = seq_len / sp tokens per rank, b = activation bytes, H hidden, I intermediate, Hq/Hkv heads of size D, L layers,
+P parameters (P_l per layer), V vocab. Parts (bytes per rank):
+
+  params      P b_p / dp            (+ 2 P_l b_p all-gathered layers in flight under FSDP, dp > 1)
+  grads       P b_g / dp            (+ P_l b_g for the unsharded gradient of the layer being reduced, dp > 1)
+  optimizer   P s / dp              (s = bytes of optimizer state per parameter, 8 for fp32 AdamW m and v;
+                                     0 when the optimizer state is offloaded to the CPU)
+  checkpoints L T H b               (checkpointing: one saved input per layer; 0 on the device with offload,
+                                     2 T H b in flight for the prefetch; without checkpointing this part is the
+                                     whole L x per-layer activation set)
+  transient   max(layer, head)      the peak inside one layer's recompute + backward, or the LM head
+      layer = T H (c_h b + c_f 4)               residual stream, norm inputs/outputs and their gradients
+            + T (Hq + Hkv) D b c_a + T Hq 4 c_l q, k, v (raw and rotated), attention out, dq/dk/dv; fp32 lse
+            + T_m I b c_i                       MLP gate, up, silu(gate), act and their gradients (T_m = T, or the
+                                                tile size with the tiled MLP, which adds 3 I H 4 fp32 dW buffers)
+      head  = T H (b + 4) + V H 4 + chunk V 4 c_v   final norm, dW of the head in fp32, logit chunks
+
+The counts c_* are the tensors of each size alive at the peak of the backward of one checkpointed layer with the
+torch ops used here (RMSNorm in fp32, SwiGLU as three GEMMs): c_h = 10, c_f = 4, c_a = 6, c_l = 2, c_i = 7.
+They are upper bounds that the tests check against measured peaks (CPU RSS here; CUDA max_memory_allocated in the
+benchmark), so a prediction can be used to pick seq_len, sp and the options before a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qlfast.model.config import head_dim, load_config, qkv_bias
+
+C_H, C_F, C_A, C_L, C_I, C_V = 10, 4, 6, 2, 7, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryOptions:
+    """What the step does; byte sizes are per element."""
+
+    param_bytes: int = 2
+    """bytes per parameter (2 for bf16, 4 for fp32)."""
+    grad_bytes: int | None = None
+    """bytes per gradient element (default: param_bytes)."""
+    act_bytes: int | None = None
+    """bytes per activation element (default: param_bytes)."""
+    optimizer_bytes: int = 8
+    """optimizer state per parameter: 8 = AdamW m and v in fp32, 0 = no optimizer (fwd+bwd only)."""
+    offload_optimizer: bool = False
+    """optimizer state lives in CPU memory."""
+    checkpoint: bool = True
+    """per-layer activation checkpointing."""
+    offload: bool = False
+    """checkpointed layer inputs offloaded to pinned CPU memory."""
+    tiled_mlp: bool = False
+    """tiled MLP with mlp_tile_tokens rows per tile."""
+    mlp_tile_tokens: int = 4096
+    logprob_chunk_bytes: int = 64 * 2**20
+    """fp32 logit chunk of the linear_logprob torch backend (the triton backend needs O(T) only)."""
+
+
+def param_count(config) -> dict:
+    """Parameters of the whole model, of one decoder layer, and of the embedding/head."""
+    c = load_config(config)
+    h, i, d = c.hidden_size, c.intermediate_size, head_dim(c)
+    hq, hkv = c.num_attention_heads, c.num_key_value_heads
+    attn = h * hq * d + 2 * h * hkv * d + hq * d * h
+    if qkv_bias(c):
+        attn += hq * d + 2 * hkv * d
+    if c.model_type == "qwen3":
+        attn += 2 * d
+    layer = attn + 3 * h * i + 2 * h
+    embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
+    return {"total": c.num_hidden_layers * layer + embed + h, "layer": layer, "embed": embed}
+
+
+def estimate(config, seq_len: int, sp: int = 1, dp: int = 1, options: MemoryOptions | dict | None = None) -> dict:
+    """Predicted peak bytes per rank by part: params, grads, optimizer, checkpoints, transient, total (+ host)."""
+    o = MemoryOptions(**options) if isinstance(options, dict) else (options or MemoryOptions())
+    if seq_len < 1 or sp < 1 or dp < 1:
+        raise ValueError(f"estimate: seq_len, sp, dp must be >= 1, got {seq_len}, {sp}, {dp}")
+    c = load_config(config)
+    n = param_count(c)
+    bp = o.param_bytes
+    bg = o.grad_bytes or bp
+    b = o.act_bytes or bp
+    t = -(-seq_len // sp)
+    h, i, d, v, nl = c.hidden_size, c.intermediate_size, head_dim(c), c.vocab_size, c.num_hidden_layers
+    hq, hkv = c.num_attention_heads, c.num_key_value_heads
+
+    params = n["total"] * bp / dp + (2 * n["layer"] * bp if dp > 1 else 0)
+    grads = n["total"] * bg / dp + (n["layer"] * bg if dp > 1 else 0)
+    opt_bytes = n["total"] * o.optimizer_bytes / dp
+    optimizer = 0 if o.offload_optimizer else opt_bytes
+
+    t_mlp = min(t, o.mlp_tile_tokens) if o.tiled_mlp else t
+    layer = (t * h * (C_H * b + C_F * 4) + t * (hq + hkv) * d * b * C_A + t * hq * 4 * C_L
+             + t_mlp * i * b * C_I + (3 * i * h * 4 if o.tiled_mlp and t > o.mlp_tile_tokens else 0))
+    rows = max(16, o.logprob_chunk_bytes // (4 * v))
+    head = t * h * (b + 4) + v * h * 4 + min(rows, t) * v * 4 * C_V
+    transient = max(layer, head)
+
+    if o.checkpoint:
+        saved = nl * t * h * b
+        checkpoints = 2 * t * h * b if o.offload else saved
+        host = saved if o.offload else 0
+    else:
+        checkpoints, host = nl * layer, 0
+    host += opt_bytes if o.offload_optimizer else 0
+    parts = {"params": params, "grads": grads, "optimizer": optimizer, "checkpoints": checkpoints,
+             "transient": transient}
+    parts = {k: int(val) for k, val in parts.items()}
+    parts["total"] = sum(parts.values())
+    parts["host"] = int(host)
+    return parts

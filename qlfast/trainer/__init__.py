@@ -1,0 +1,1 @@
+"""The pieces `qlfast.train` composes: packing, SFT, rollout collection, policy update, checkpoints, logging, report."""

@@ -1,0 +1,86 @@
+"""Building what a run needs from its config: tokenizer, policy model, datasets binned into curriculum phases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qlfast.config import Config
+from qlfast.data import docqa, synthetic, template
+from qlfast.data import tokenizer as tok
+from qlfast.model import ModelOptions, QwenForCausalLM
+from qlfast.rl.curriculum import LengthBins, Phase, assign_bins
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tokenizer_and_model(cfg: Config, device: torch.device):
+    """The tokenizer and the policy: loaded from cfg.model.path, or (tiny preset) a locally trained tokenizer and a
+    randomly initialised Qwen2 built from the config fields, identical on every rank (seeded)."""
+    m = cfg.model
+    options = ModelOptions(attn_backend=m.attention_backend, checkpoint=m.checkpointing,
+                           offload=m.offload_checkpoints, tiled_mlp=m.tiled_mlp)
+    dtype = DTYPES[m.dtype]
+    if m.path:
+        tokenizer = tok.load_tokenizer(m.path)
+        model = QwenForCausalLM.from_pretrained(m.path, dtype=dtype, device=device, options=options)
+        return tokenizer, model
+    tokenizer = tok.load_tokenizer(tok.build_tokenizer(cfg.data.tokenizer_vocab, seed=cfg.data.seed))
+    hf_config = {
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": len(tokenizer),
+        "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
+        "max_position_embeddings": m.max_position_embeddings, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True, "torch_dtype": m.dtype, "bos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "initializer_range": 0.02, "use_sliding_window": False,
+    }
+    model = QwenForCausalLM.from_config(hf_config, options, dtype=dtype, device=device, seed=cfg.train.seed)
+    return tokenizer, model
+
+
+@dataclass
+class Datasets:
+    train: list[docqa.DocQAExample]
+    heldout: list[docqa.DocQAExample]
+    prompt_ids: list[list[int]]  # rendered, tokenised prompts of `train`
+    heldout_prompt_ids: list[list[int]]
+    bins: LengthBins
+    skipped: list[str]
+
+
+def _synthetic(cfg: Config, n: int, seed: int) -> list[docqa.DocQAExample]:
+    lengths = [int(x) for x in cfg.data.synthetic_doc_tokens.split(",") if x.strip()]
+    if not lengths:
+        raise ValueError("--data.synthetic_doc_tokens is empty and no --data.train_files were given")
+    out = []
+    per = [n // len(lengths) + (i < n % len(lengths)) for i in range(len(lengths))]
+    for k, (length, count) in enumerate(zip(lengths, per)):
+        scfg = synthetic.SyntheticConfig(doc_tokens=(int(length * 0.8), length))
+        out += synthetic.generate_synthetic(count, seed=seed * 100 + k, cfg=scfg)
+    return out
+
+
+def datasets(cfg: Config, tokenizer, phases: list[Phase]) -> Datasets:
+    skipped: list[str] = []
+    if cfg.data.train_files:
+        res = docqa.load_docqa(cfg.data.train_files.split(","), skip_bad=cfg.data.skip_bad_rows)
+        train, skipped = res.examples, res.skipped
+    else:
+        train = _synthetic(cfg, cfg.data.synthetic_train, seed=cfg.data.seed)
+    if cfg.data.eval_files:
+        heldout = docqa.load_docqa(cfg.data.eval_files.split(","), skip_bad=cfg.data.skip_bad_rows).examples
+    else:
+        heldout = _synthetic(cfg, cfg.data.synthetic_eval, seed=cfg.data.seed + 7919)
+    limit = max(p.max_prompt_tokens for p in phases)
+    prompt_ids = [render(tokenizer, ex) for ex in train]
+    heldout_ids = [render(tokenizer, ex, max_tokens=limit) for ex in heldout]
+    bins = assign_bins([len(p) for p in prompt_ids], [p.max_prompt_tokens for p in phases])
+    return Datasets(train, heldout, prompt_ids, heldout_ids, bins, skipped)
+
+
+def render(tokenizer, ex: docqa.DocQAExample, max_tokens: int | None = None) -> list[int]:
+    if ex.document is not None and ex.question is not None:
+        return template.render_prompt(tokenizer, ex.document, ex.question, max_tokens).input_ids
+    text = template.apply_chat(tokenizer, ex.user_prompt())
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,54 @@
+"""Warm-up SFT: cross-entropy on (prompt, worked response) pairs, computed as -linear_logprob over response tokens
+(the same fused op as RL, so no (tokens x vocab) logits here either)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from qlfast.ops.linear_logprob import linear_logprob
+from qlfast.trainer import dist
+from qlfast.trainer.optim import clip_and_step
+from qlfast.trainer.packing import pack, split_by_tokens
+
+
+def response_ids(tokenizer, examples) -> list[list[int]]:
+    eos = tokenizer.eos_token_id
+    out = []
+    for ex in examples:
+        if "reasoning" not in ex.extra:
+            raise ValueError(f"SFT: example {ex.uid} has no worked response (extra['reasoning'])")
+        out.append(tokenizer.encode(ex.extra["reasoning"], add_special_tokens=False) + [eos])
+    return out
+
+
+def step_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The global batch of SFT step `step`: a deterministic function of (seed, step), so resume is exact."""
+    rng = random.Random(f"sft/{seed}/{step // max(1, n_examples // batch_size)}")
+    perm = list(range(n_examples))
+    rng.shuffle(perm)
+    k = step % max(1, n_examples // batch_size)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def sft_step(model, optimizer, scheduler, prompts, responses, indices, env, *, micro_tokens: int, max_grad_norm: float,
+             backend: str = "auto") -> dict:
+    local = indices[env.rank::env.world]
+    n_tok = sum(len(responses[i]) for i in local)
+    (global_tokens,) = dist.sum_floats(n_tok)
+    loss_sum = 0.0
+    weight = model.lm_head_weight
+    lengths = [len(prompts[i]) + len(responses[i]) for i in local]
+    for group in split_by_tokens(lengths, micro_tokens):
+        b = pack(prompts, responses, indices=[local[j] for j in group]).to(env.device)
+        hidden = model(b.input_ids, b.position_ids, b.cu_seqlens)
+        tgt = torch.where(b.mask > 0, b.targets, -100)
+        logp = linear_logprob(hidden, weight, tgt, backend=backend)
+        loss = -logp.sum() / max(global_tokens, 1.0)
+        loss.backward()
+        loss_sum += float(loss.detach())
+    dist.all_reduce_grads(model)
+    norm, ok = clip_and_step(model, optimizer, scheduler, max_grad_norm)
+    (loss_total,) = dist.sum_floats(loss_sum)
+    return {"sft_loss": loss_total, "grad_norm": norm, "finite": ok, "tokens": global_tokens}
