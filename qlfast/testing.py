@@ -34,7 +34,7 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None) -> str:
-    """Run `script` under `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU); raise with its output on failure.
+    """Run `script` under `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU); raise with its output on error.
 
     Multi-process tests are plain pytest tests that call this with a worker script that asserts on every rank.
     """

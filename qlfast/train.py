@@ -172,8 +172,15 @@ def main(argv: list[str] | None = None) -> None:
         if phase_done and cfg.train.eval_every_phase:
             state["evals"].append(heldout_accuracy(engine, tokenizer, ds, reward, env, max_resp,
                                                    f"after phase {phase_i + 1}", step + 1, logger))
-        if phase_done or (step + 1) % cfg.train.checkpoint_every == 0:
+        stop = cfg.train.stop_at_step and step + 1 >= cfg.train.stop_at_step
+        if phase_done or stop or (step + 1) % cfg.train.checkpoint_every == 0:
             save(f"rl-{step + 1:06d}")
+        if stop and step + 1 < curriculum.total_steps:
+            logger.write(f"stopping after RL step {step + 1} (--train.stop_at_step); continue with --resume")
+            logger.close()
+            engine.close()
+            dist.shutdown()
+            return
 
     # ---- 4. report --------------------------------------------------------------------------------------------------
     if env.is_main:

@@ -5,8 +5,8 @@ Each error is bounded by a small multiple of the error of naive eager torch (ful
 
 import pytest
 import torch
-from qlfast.kernels import linear_logprob as tri
 
+from qlfast.kernels import linear_logprob as tri
 from qlfast.ops.linear_logprob import IGNORE_INDEX, linear_logprob, linear_logprob_with_lse
 from qlfast.ref import linear_logprob as ref
 from qlfast.ref.linear_logprob import naive_linear_logprob

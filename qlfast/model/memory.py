@@ -18,6 +18,7 @@ P parameters (P_l per layer), V vocab. Parts (bytes per rank):
             + T (Hq + Hkv) D b c_a + T Hq 4 c_l q, k, v (raw and rotated), attention out, dq/dk/dv; fp32 lse
             + T_m I b c_i                       MLP gate, up, silu(gate), act and their gradients (T_m = T, or the
                                                 tile size with the tiled MLP, which adds 3 I H 4 fp32 dW buffers)
+            + attention workspace               0 for flash kernels (see MemoryOptions.attn_workspace_bytes)
       head  = T H (b + 4) + V H 4 + chunk V 4 c_v   final norm, dW of the head in fp32, logit chunks
 
 The counts c_* are the tensors of each size alive at the peak of the backward of one checkpointed layer with the
@@ -58,6 +59,9 @@ class MemoryOptions:
     mlp_tile_tokens: int = 4096
     logprob_chunk_bytes: int = 64 * 2**20
     """fp32 logit chunk of the linear_logprob torch backend (the triton backend needs O(T) only)."""
+    attn_workspace_bytes: int = 0
+    """attention working memory beyond q/k/v/out/lse: 0 for flash/triton kernels; the torch reference backend
+    holds score chunks of Hq x 1024 rows x L keys in fp32, about 8 such tensors at its peak."""
 
 
 def param_count(config) -> dict:
@@ -96,7 +100,8 @@ def estimate(config, seq_len: int, sp: int = 1, dp: int = 1, options: MemoryOpti
 
     t_mlp = min(t, o.mlp_tile_tokens) if o.tiled_mlp else t
     layer = (t * h * (C_H * b + C_F * 4) + t * (hq + hkv) * d * b * C_A + t * hq * 4 * C_L
-             + t_mlp * i * b * C_I + (3 * i * h * 4 if o.tiled_mlp and t > o.mlp_tile_tokens else 0))
+             + t_mlp * i * b * C_I + (3 * i * h * 4 if o.tiled_mlp and t > o.mlp_tile_tokens else 0)
+             + o.attn_workspace_bytes)
     rows = max(16, o.logprob_chunk_bytes // (4 * v))
     head = t * h * (b + 4) + v * h * 4 + min(rows, t) * v * 4 * C_V
     transient = max(layer, head)

@@ -3,7 +3,9 @@
 Importing this package is cheap: Triton kernels and the CUDA extension load on first use of their backend.
 """
 
+from qlfast.ops.flash_attention import flash_attention, flash_attn_varlen_bwd, flash_attn_varlen_fwd
 from qlfast.ops.linear_logprob import linear_logprob, linear_logprob_with_lse
 from qlfast.ops.policy_loss import PolicyLossConfig, policy_loss
 
-__all__ = ["PolicyLossConfig", "linear_logprob", "linear_logprob_with_lse", "policy_loss"]
+__all__ = ["PolicyLossConfig", "flash_attention", "flash_attn_varlen_bwd", "flash_attn_varlen_fwd", "linear_logprob",
+           "linear_logprob_with_lse", "policy_loss"]

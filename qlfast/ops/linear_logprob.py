@@ -43,11 +43,14 @@ class _LinearLogprob(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.inv_temp, ctx.backend = inv_temp, backend
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused output (say entropy) gets None: its backward term is skipped
         return logprob, entropy, lse
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy, _grad_lse):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        if grad_logprob is None and grad_entropy is None:
+            return None, None, None, None, None, None
         _, bwd = _impl(ctx.backend)
         dhidden, dweight = bwd(hidden, weight, targets, lse, entropy, grad_logprob, grad_entropy, ctx.inv_temp)
         return (dhidden if ctx.needs_input_grad[0] else None, dweight if ctx.needs_input_grad[1] else None,

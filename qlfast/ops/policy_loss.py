@@ -36,8 +36,7 @@ import torch
 from qlfast.ops import _dispatch
 
 # (not `from qlfast.ops import linear_logprob`: the package re-exports the function under that name)
-from qlfast.ops.linear_logprob import IGNORE_INDEX
-from qlfast.ops.linear_logprob import _impl as _fused_impl
+from qlfast.ops.linear_logprob import IGNORE_INDEX, _LinearLogprob
 from qlfast.ops.linear_logprob import _validate as _validate_fused
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -103,33 +102,6 @@ class PolicyLossConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"PolicyLossConfig: {name} must be None or > 0, got {v}")
-
-
-class _FusedLogprob(torch.autograd.Function):
-    """linear_logprob's fused fwd/bwd, with grads that are not used left as None instead of zeros.
-
-    (autograd materialises zero grads for unused outputs by default, which would make the fused backward compute
-    the entropy term even when the loss does not use the entropy.)
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, backend):
-        ctx.set_materialize_grads(False)
-        fwd, _ = _fused_impl(backend)
-        logprob, entropy, lse = fwd(hidden, weight, targets, inv_temp, with_entropy)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.inv_temp, ctx.backend = inv_temp, backend
-        return logprob, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprob, grad_entropy):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        if grad_logprob is None and grad_entropy is None:
-            return None, None, None, None, None, None
-        _, bwd = _fused_impl(ctx.backend)
-        dhidden, dweight = bwd(hidden, weight, targets, lse, entropy, grad_logprob, grad_entropy, ctx.inv_temp)
-        return (dhidden if ctx.needs_input_grad[0] else None, dweight if ctx.needs_input_grad[1] else None,
-                None, None, None, None)
 
 
 def _kl(log_ratio: torch.Tensor, kl_type: str) -> torch.Tensor:
@@ -297,6 +269,8 @@ def policy_loss(hidden, weight, targets, advantages, mask, *, cu_seqlens=None, o
         logp = hidden.new_zeros(0, dtype=acc) + zero
         ent = logp.clone() if with_entropy else None
     else:
-        logp, ent = _FusedLogprob.apply(hidden.contiguous(), weight.contiguous(), tgt, 1.0 / float(cfg.temperature),
-                                        with_entropy, backend)
+        # the shared fused Function leaves the grad of an unused output (entropy when entropy_coef == 0) as None,
+        # so its backward skips that term
+        logp, ent, _ = _LinearLogprob.apply(hidden.contiguous(), weight.contiguous(), tgt,
+                                            1.0 / float(cfg.temperature), with_entropy, backend)
     return _epilogue(logp, ent, m, advantages, old_logprob, ref_logprob, rollout_logprob, cu_seqlens, cfg)

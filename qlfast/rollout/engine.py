@@ -279,16 +279,26 @@ class RolloutEngine:
         llm, self.llm, self._model, self._sync_plan = getattr(self, "llm", None), None, None, None
         if llm is None:
             return
-        core = getattr(llm.llm_engine, "engine_core", None)
-        with contextlib.suppress(Exception):
-            core.shutdown()
-        del llm
-        if not self.external_launcher:
-            # vLLM's own world group (not the trainer's): destroy it so that a later engine can start
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        client = getattr(llm.llm_engine, "engine_core", None)  # in-process client
+        core = getattr(client, "engine_core", None)
+        if self.external_launcher and core is not None:
+            # EngineCore.shutdown() ends with cleanup_dist_env_and_memory(), which destroys the default process
+            # group: the trainer's, under torchrun. Shut down the executor and scheduler only, and drop vLLM's own
+            # model-parallel groups. The client's finalizer would call EngineCore.shutdown() on collection: detach it.
+            from vllm.distributed.parallel_state import destroy_model_parallel
 
             with contextlib.suppress(Exception):
-                cleanup_dist_env_and_memory()
+                client._finalizer.detach()
+
+            for part in (core.model_executor, core.scheduler):
+                with contextlib.suppress(Exception):
+                    part.shutdown()
+            with contextlib.suppress(Exception):
+                destroy_model_parallel()
+        elif client is not None:
+            with contextlib.suppress(Exception):
+                client.shutdown()
+        del llm, client, core
         import gc
 
         gc.collect()

@@ -27,8 +27,9 @@ def tokenizer_and_model(cfg: Config, device: torch.device):
         model = QwenForCausalLM.from_pretrained(m.path, dtype=dtype, device=device, options=options)
         return tokenizer, model
     tokenizer = tok.load_tokenizer(tok.build_tokenizer(cfg.data.tokenizer_vocab, seed=cfg.data.seed))
+    # the vocabulary is padded to a multiple of 64, as Qwen's (and vLLM's own padding) are
     hf_config = {
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": len(tokenizer),
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": -(-len(tokenizer) // 64) * 64,
         "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
         "max_position_embeddings": m.max_position_embeddings, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
