@@ -58,16 +58,20 @@ def _ours_lp_grads(model, ids, cu, targets, weights):
     return lp.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _hf_lp_grads(hf, ids, cu, targets, weights):
+def _hf_lp(hf, ids, cu, targets, temperature=0.8):
     """Transformers, one sequence at a time (no packing on its side), log-probs from its own logits."""
-    hf.zero_grad(set_to_none=True)
     lps = []
     for s in range(cu.numel() - 1):
         a, b = int(cu[s]), int(cu[s + 1])
-        logits = hf(ids[None, a:b]).logits[0].float() / 0.8
+        logits = hf(ids[None, a:b]).logits[0].float() / temperature
         lp = torch.log_softmax(logits, -1).gather(-1, targets[a:b].clamp_min(0)[:, None])[:, 0]
         lps.append(torch.where(targets[a:b] == -100, 0.0, lp))
-    lp = torch.cat(lps)
+    return torch.cat(lps)
+
+
+def _hf_lp_grads(hf, ids, cu, targets, weights):
+    hf.zero_grad(set_to_none=True)
+    lp = _hf_lp(hf, ids, cu, targets)
     (lp * weights).sum().backward()
     return lp.detach(), {n: p.grad.detach().clone() for n, p in hf.named_parameters()}
 
@@ -153,7 +157,7 @@ def test_rope_scaling_matches_transformers():
         ids, cu, targets = _batch([150], seed=8)
         with torch.no_grad():
             lp = token_logprobs(ours, ids, None, cu, targets, backend="torch")
-            lp_hf, _ = _hf_lp_grads(hf.requires_grad_(False), ids, cu, targets, torch.zeros(150).requires_grad_())
+            lp_hf = _hf_lp(hf, ids, cu, targets, temperature=1.0)
         torch.testing.assert_close(lp, lp_hf, rtol=1e-4, atol=1e-4, msg=lambda m, s=scaling: f"{s}: {m}")
 
 
@@ -171,7 +175,7 @@ def test_save_load_round_trip_with_transformers(model_type, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
     assert type(hf).__name__ == ("Qwen2ForCausalLM" if model_type == "qwen2" else "Qwen3ForCausalLM")
     with torch.no_grad():
-        lp_hf, _ = _hf_lp_grads(hf.requires_grad_(False), ids, cu, targets, torch.zeros(61).requires_grad_())
+        lp_hf = _hf_lp(hf, ids, cu, targets, temperature=1.0)
     torch.testing.assert_close(lp_hf, lp, rtol=1e-5, atol=1e-5)
     # transformers -> disk (its own format) -> ours
     hf.save_pretrained(tmp_path / "hf")

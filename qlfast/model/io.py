@@ -57,6 +57,7 @@ def load_weights(model, path, *, dtype=None, device=None) -> None:
         raise ValueError(f"from_pretrained: {path} has tensors this model does not: {unexpected[:5]}")
     model.to(dtype)  # still on meta: free; then allocate once, in the final dtype
     model.to_empty(device=device)
+    params = dict(model.named_parameters())  # to_empty made new Parameter objects
     by_file: dict[str, list[str]] = {}
     for name in params:
         by_file.setdefault(files[name], []).append(name)

@@ -22,7 +22,7 @@ P parameters (P_l per layer), V vocab. Parts (bytes per rank):
       head  = T H (b + 4) + V H 4 + chunk V 4 c_v   final norm, dW of the head in fp32, logit chunks
 
 The counts c_* are the tensors of each size alive at the peak of the backward of one checkpointed layer with the
-torch ops used here (RMSNorm in fp32, SwiGLU as three GEMMs): c_h = 10, c_f = 4, c_a = 6, c_l = 2, c_i = 7.
+torch ops used here (RMSNorm in fp32, SwiGLU as three GEMMs): c_h = 12, c_f = 5, c_a = 6, c_l = 2, c_i = 8.
 They are upper bounds that the tests check against measured peaks (CPU RSS here; CUDA max_memory_allocated in the
 benchmark), so a prediction can be used to pick seq_len, sp and the options before a run.
 """
@@ -33,7 +33,7 @@ import dataclasses
 
 from qlfast.model.config import head_dim, load_config, qkv_bias
 
-C_H, C_F, C_A, C_L, C_I, C_V = 10, 4, 6, 2, 7, 3
+C_H, C_F, C_A, C_L, C_I, C_V = 12, 5, 6, 2, 8, 3
 
 
 @dataclasses.dataclass(frozen=True)
