@@ -71,18 +71,11 @@ def _rss_peak_reset():
         pass
 
 
-def _rss_peak_bytes() -> int:
+def _proc_status_bytes(key: str) -> int:
+    """A memory line of /proc/self/status (VmHWM: peak RSS, VmRSS: current RSS) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss_now_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -116,10 +109,10 @@ def measure(fn, *, warmup: int = 2, rep: int = 5, min_time_s: float = 0.0) -> di
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_now_bytes()
+        base = _proc_status_bytes("VmRSS")
         _rss_peak_reset()
         fn()
-        peak = max(0, _rss_peak_bytes() - base)
+        peak = max(0, _proc_status_bytes("VmHWM") - base)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "reps": len(times), "peak_bytes": peak}
 
 

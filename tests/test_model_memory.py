@@ -88,8 +88,8 @@ def _predicted(total, seqlen, opts, cfg=TINY):
 
 @pytest.mark.slow
 def test_long_sequence_60k_within_memory_model():
-    """A tiny model (one 64-dim head), forward+backward over 61,440 packed tokens (120 sequences of 512), checkpointed + offloaded +
-    tiled: finite gradients, and peak RSS within the memory model's prediction."""
+    """A tiny model (one 64-dim head), forward+backward over 61,440 packed tokens (120 sequences of 512),
+    checkpointed + offloaded + tiled: finite gradients, and peak RSS within the memory model's prediction."""
     total, seqlen = 61440, 512
     opts = dict(checkpoint=True, offload=True, tiled_mlp=True, mlp_tile_tokens=4096)
     got = _measure(total, seqlen, opts, LONG)

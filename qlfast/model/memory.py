@@ -11,8 +11,8 @@ P parameters (P_l per layer), V vocab. Parts (bytes per rank):
   optimizer   P s / dp              (s = bytes of optimizer state per parameter, 8 for fp32 AdamW m and v;
                                      0 when the optimizer state is offloaded to the CPU)
   checkpoints L T H b               (checkpointing: one saved input per layer; 0 on the device with offload,
-                                     2 T H b in flight for the prefetch; without checkpointing this part is the
-                                     whole L x per-layer activation set)
+                                     2 T H b in flight for the prefetch; without checkpointing it is L times the
+                                     activations one layer saves for its backward, S_* counts in the code)
   transient   max(layer, head)      the peak inside one layer's recompute + backward, or the LM head
       layer = T H (c_h b + c_f 4)               residual stream, norm inputs/outputs and their gradients
             + T (Hq + Hkv) D b c_a + T Hq 4 c_l q, k, v (raw and rotated), attention out, dq/dk/dv; fp32 lse
@@ -34,6 +34,7 @@ import dataclasses
 from qlfast.model.config import head_dim, load_config, qkv_bias
 
 C_H, C_F, C_A, C_L, C_I, C_V = 12, 5, 6, 2, 8, 3
+S_H, S_F, S_A, S_I = 6, 3, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +112,11 @@ def estimate(config, seq_len: int, sp: int = 1, dp: int = 1, options: MemoryOpti
         checkpoints = 2 * t * h * b if o.offload else saved
         host = saved if o.offload else 0
     else:
-        checkpoints, host = nl * layer, 0
+        # without checkpointing every layer keeps what its backward needs (no gradients yet): about half the
+        # counts above (S_* below), and the MLP's four (T, I) tensors
+        saved = (t * h * (S_H * b + S_F * 4) + t * (hq + hkv) * d * b * S_A + t * hq * 4
+                 + t_mlp * i * b * S_I)
+        checkpoints, host = nl * saved, 0
     host += opt_bytes if o.offload_optimizer else 0
     parts = {"params": params, "grads": grads, "optimizer": optimizer, "checkpoints": checkpoints,
              "transient": transient}

@@ -74,7 +74,8 @@ def _sdpa_varlen(q, k, v, cu_seqlens, scale):
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = head_dim(config)
         h, bias = config.hidden_size, qkv_bias(config)
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
