@@ -31,12 +31,14 @@ proportion to the CPU share it gets, the same for both.
 
 Each provider runs `warmup` steps, then `steps` timed steps; a row's time is their median. Rows: op "grpo_step",
 providers "qlfast" and "trl", mode "train"; each row carries the mean completion length it generated (a random model
-rarely emits EOS, so both sides generate close to max_new tokens), the thread count, and for qlfast the median time
-per stage. Speed is recorded, not asserted (docs/perf/grpo_step.md has the numbers); the test asserts that both sides
-did the configured work. TRL lives in the opt-in bench environment: `bash scripts/setup_bench.sh`.
+rarely emits EOS, so both sides generate close to max_new tokens), the thread count, every step's time, and the
+median per stage (rollout_reward_ms and train_ms on both, sync_ms for qlfast). Speed is recorded, not asserted
+(docs/perf/grpo_step.md has the numbers); the test asserts that both sides did the configured work.
+TRL lives in the opt-in bench environment: `bash scripts/setup_bench.sh`.
 
-Sizes: on CPU 8 prompts x 8 completions, 48 new tokens, ~190-token prompts (about 2-3 minutes on 2 shared cores,
-almost all of it TRL); with harness.real_sizes() (QLFAST_BENCH_SIZE=real) the tiny preset's full RL batch, 16 x 8.
+Sizes: on CPU 8 prompts x 8 completions, 48 new tokens, ~190-token prompts (the file runs in 40-75 s on 2 shared
+cores, most of it TRL's steps and the engine start); with harness.real_sizes() (QLFAST_BENCH_SIZE=real) the tiny
+preset's full RL batch, 16 x 8.
 """
 
 from __future__ import annotations
