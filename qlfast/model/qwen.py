@@ -57,8 +57,26 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
-def _sdpa_varlen(q, k, v, cu_seqlens, scale):
-    """Per-sequence torch SDPA: a baseline and fallback backend; q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+def _sdpa_varlen(q, k, v, cu_seqlens, scale, max_seqlen=None):
+    """Torch SDPA over packed sequences: a baseline and the CPU backend; q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D).
+
+    When padding costs little (S x Lmax <= 2T, as in RL batches of similar lengths) the sequences are scattered into one
+    right-padded (S, H, Lmax, D) batch and attended in ONE causal SDPA call: with right padding and a causal mask no
+    real query sees a pad key, so real rows are exact. Otherwise one call per sequence.
+    """
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    n_seq, total = lengths.numel(), q.shape[0]
+    lmax = int(lengths.max()) if max_seqlen is None else int(max_seqlen)
+    if n_seq > 1 and n_seq * lmax <= 2 * total:
+        seq = torch.repeat_interleave(torch.arange(n_seq, device=q.device), lengths.long(), output_size=total)
+        idx = seq * lmax + positions_from_cu_seqlens(cu_seqlens, total)  # (T,) slot in the padded batch
+
+        def dense(x):  # (T, H, D) -> (S, H, Lmax, D)
+            padded = x.new_zeros(n_seq * lmax, *x.shape[1:]).index_copy(0, idx, x)
+            return padded.view(n_seq, lmax, *x.shape[1:]).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(dense(q), dense(k), dense(v), is_causal=True, scale=scale, enable_gqa=True)
+        return o.transpose(1, 2).reshape(n_seq * lmax, *q.shape[1:]).index_select(0, idx)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for s in range(len(bounds) - 1):
@@ -99,7 +117,7 @@ class Attention(nn.Module):
             out = opts.attention_fn(q, k, v, cu_seqlens, max_seqlen)
             out = out[0] if isinstance(out, tuple) else out
         elif opts.attn_backend == "sdpa":
-            out = _sdpa_varlen(q, k, v, cu_seqlens, self.scale)
+            out = _sdpa_varlen(q, k, v, cu_seqlens, self.scale, max_seqlen)
         else:
             from qlfast.ops.flash_attention import flash_attention
 
