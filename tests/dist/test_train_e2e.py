@@ -9,7 +9,7 @@ from qlfast.testing import run_torchrun
 
 pytestmark = pytest.mark.dist
 
-SHORT = ["--sft.steps=4", "--sft.batch_size=8", "--rl.phases=200:24:2,400:24:2", "--rl.batch_size=4",
+SHORT = ["--sft.steps=4", "--sft.batch_size=8", "--rl.phases=120:24:2,200:24:2", "--rl.batch_size=4",
          "--rl.mini_batch_size=2", "--rl.group_size=4", "--rl.max_gen_rounds=2", "--data.synthetic_train=64",
          "--data.synthetic_eval=16", "--rollout.parity_every=2", "--train.checkpoint_every=100"]
 # what must match exactly between an uninterrupted and a resumed run (timings and throughput do not)
