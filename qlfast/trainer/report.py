@@ -43,7 +43,10 @@ def write_report(run_dir: str | Path, rows: list[dict], evals: list[dict]) -> Pa
     if evals:
         xs = [e["step"] for e in evals]
         ys = [e["accuracy"] for e in evals]
-        ax2.plot(xs, ys, "o-", color="C2")
+        ax2.plot(xs, ys, "o-", color="C2", label="avg@k, sampled")
+        if all("greedy_accuracy" in e for e in evals):
+            ax2.plot(xs, [e["greedy_accuracy"] for e in evals], "s--", color="C3", label="greedy")
+        ax2.legend(loc="lower right")
         for e in evals:
             ax2.annotate(f'{e["stage"]}\n{100 * e["accuracy"]:.1f}%', (e["step"], e["accuracy"]),
                          textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
@@ -54,7 +57,11 @@ def write_report(run_dir: str | Path, rows: list[dict], evals: list[dict]) -> Pa
     out = run_dir / "report.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    lines = ["| stage | RL step | held-out accuracy | n |", "|---|---|---|---|"]
-    lines += [f"| {e['stage']} | {e['step']} | {100 * e['accuracy']:.1f}% | {e.get('n', '')} |" for e in evals]
+    lines = ["| stage | RL step | held-out accuracy (avg@k, sampled) | greedy accuracy | questions | k |",
+             "|---|---|---|---|---|---|"]
+    for e in evals:
+        greedy = 100 * e.get("greedy_accuracy", float("nan"))
+        lines.append(f"| {e['stage']} | {e['step']} | {100 * e['accuracy']:.1f}% | {greedy:.1f}% | {e.get('n', '')} "
+                     f"| {e.get('samples', 1)} |")
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return out
