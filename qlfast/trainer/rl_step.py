@@ -97,6 +97,9 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
                   backend: str = "auto") -> dict:
     """Mini-batch policy-gradient updates over this rank's groups. Returns reduced metrics and whether every
     optimizer step had finite gradients."""
+    (n_global,) = dist.sum_floats(sum(len(g.responses) for g in groups))
+    if n_global == 0:  # every group was dropped (no reward variance anywhere): nothing to learn from
+        return {"finite": True, "skipped_update": 1.0}
     loss_cfg = dict(clip_low=rl.clip_low, clip_high=rl.clip_high, loss_agg=rl.loss_agg, kl_coef=0.0,
                     entropy_coef=rl.entropy_coef, temperature=rl.temperature, tis_cap=rl.tis_cap)
     # split this rank's groups into mini-batches (by group, so a group's sequences update together)
@@ -148,8 +151,9 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
         norm, ok = clip_and_step(model, optimizer, scheduler, rl.max_grad_norm)
         norms.append(norm)
         all_ok &= ok
-    names = sorted(sums)
-    reduced = dict(zip(names, dist.sum_floats(*[sums[n] for n in names]))) if names else {}
+    # every rank reduces the same names, also a rank that had no sequences this step (collectives must match)
+    names = sorted(set().union(*dist.all_gather_objects(sorted(sums))))
+    reduced = dict(zip(names, dist.sum_floats(*[sums.get(n, 0.0) for n in names])))
     reduced["ratio_max"] = max(dist.all_gather_objects(ratio_max))
     reduced["grad_norm"] = max(norms) if norms else 0.0
     return {"finite": all_ok, **reduced}
