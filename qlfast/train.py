@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=cfg.train.seed * 1_000_003 + step * 101)
         t1 = time.perf_counter()
         rl_step.add_advantages(kept, cfg.rl.group_size, cfg.rl.norm_adv_by_std)
+        engine.sleep()  # GPU: release the engine's weights and KV cache for the training step (no-op on CPU)
         upd = rl_step.policy_update(model, rl_opt, rl_sched, kept, env, rl=cfg.rl,
                                     mini_batches=max(1, cfg.rl.batch_size // cfg.rl.mini_batch_size),
                                     backend=cfg.model.logprob_backend)
