@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     phases = [Phase(p.max_prompt_tokens, p.max_response_tokens, steps=p.steps) for p in cfg.rl.phases]
     tokenizer, model = build.tokenizer_and_model(cfg, env.device)
-    ds = build.datasets(cfg, tokenizer, phases)
+    try:
+        ds = build.datasets(cfg, tokenizer, phases)
+    except FileNotFoundError as e:
+        raise SystemExit(f"qlfast.train: {e}") from None
+    except ValueError as e:  # a malformed row: the message names file, row and field; no traceback
+        raise SystemExit(f"qlfast.train: {e}\n(--data.skip_bad_rows=true skips and counts malformed rows)") from None
     curriculum = Curriculum(phases, ds.bins, cfg.rl.batch_size, seed=cfg.data.seed)
     table = DifficultyTable(RetrospectiveConfig(fraction=cfg.rl.retro_fraction, mode=cfg.rl.difficulty,
                                                 cap=cfg.rl.difficulty_cap, seed=cfg.data.seed))

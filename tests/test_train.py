@@ -98,3 +98,16 @@ def test_metrics_truncate_after_resume_step(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stream"], r["step"]) for r in rows] == [("train", 0), ("train", 1), ("eval", 2)]
     log.close()
+
+
+def test_bad_data_file_stops_with_file_row_field(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"document": "The vault code of Kestrel House is 4.", "question": "What is the vault code of '
+                   'Kestrel House?", "answer": "4"}\n{"document": "x", "answer": "3"}\n')
+    proc = subprocess.run([sys.executable, "-m", "qlfast.train", f"--train.out_dir={tmp_path}",
+                           f"--data.train_files={bad}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{bad}: row 2: field 'question" in proc.stderr and "Traceback" not in proc.stderr
