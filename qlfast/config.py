@@ -45,10 +45,6 @@ class ModelConfig:
     """Send checkpointed layer inputs to pinned CPU memory."""
     tiled_mlp: bool = False
     """Run the MLP over sequence tiles, recomputing per tile in backward."""
-    fsdp: bool = False
-    """FSDP2-shard parameters, gradients and optimizer state over the ranks (opt-in: see tests/dist/test_train_e2e)."""
-    optimizer_offload: bool = False
-    """With fsdp: keep sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy)."""
 
 
 @dataclass

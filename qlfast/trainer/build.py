@@ -91,16 +91,3 @@ def render(tokenizer, ex: docqa.DocQAExample, max_tokens: int | None = None) -> 
         return template.render_prompt(tokenizer, ex.document, ex.question, max_tokens).input_ids
     text = template.apply_chat(tokenizer, ex.user_prompt())
     return tokenizer.encode(text, add_special_tokens=False)
-
-
-def export(model, path, tokenizer, env) -> None:
-    """Write the model (HF layout) and tokenizer to `path`; collective under FSDP2 (the full weights are gathered)."""
-    if env.fsdp:
-        from qlfast.model import io
-        from qlfast.parallel.fsdp import full_state_dict
-
-        full = full_state_dict(model)
-        if env.is_main:
-            io.save(model, path, tokenizer=tokenizer, state_dict=full)
-    elif env.is_main:
-        model.save_pretrained(path, tokenizer)

@@ -43,8 +43,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_state: dict, keep: int = 2,
-         save_extra=None) -> Path:
+def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_state: dict, keep: int = 2) -> Path:
     """Write checkpoint `tag` on every rank (rank 0 writes the model and state.json); return its final path.
 
     save_model(dir) writes the HF model directory (called on every rank: FSDP gathers are collective; the callee
@@ -59,8 +58,6 @@ def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_stat
         tmp.mkdir(parents=True)
     _barrier()
     save_model(str(tmp / "model"))
-    if save_extra is not None:  # e.g. FSDP2 shards: save_extra(dir) is collective
-        save_extra(str(tmp))
     torch.save(trainer_state, tmp / f"trainer-rank{rank}.pt")
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
@@ -112,24 +109,3 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"checkpoint state: cannot store {type(o).__name__} in state.json")
-
-
-# ---- FSDP2: model and optimizer state as sharded DCP checkpoints (each rank writes and reads its own shards) ----
-
-
-def save_sharded(path: str | Path, model, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-
-
-def load_sharded(path: str | Path, model, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

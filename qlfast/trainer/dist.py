@@ -16,13 +16,6 @@ class Env:
     world: int
     local_rank: int
     device: torch.device
-    fsdp: bool = False  # parameters are FSDP2-sharded: FSDP reduces gradients, and every rank must run the same
-    # number of forward/backward passes (its all-gathers are collectives)
-
-    @property
-    def loss_scale(self) -> float:
-        """Losses are normalised by global counts, so the batch gradient is the SUM over ranks; FSDP2 averages."""
-        return float(self.world) if self.fsdp else 1.0
 
     @property
     def is_main(self) -> bool:
@@ -70,32 +63,11 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def max_int(n: int) -> int:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return n
-    t = torch.tensor([n], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
-
-
-def shard_model(model: torch.nn.Module, env: Env, *, cpu_offload: bool = False) -> torch.nn.Module:
-    """FSDP2 over all ranks (one data-parallel dimension); marks env.fsdp."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from qlfast.parallel.fsdp import apply_fsdp
-
-    mesh = init_device_mesh(env.device.type, (env.world,), mesh_dim_names=("dp",))
-    apply_fsdp(model, mesh, cpu_offload=cpu_offload)
-    env.fsdp = True
-    return model
-
-
-def all_reduce_grads(model: torch.nn.Module, env: Env | None = None) -> None:
+def all_reduce_grads(model: torch.nn.Module) -> None:
     """Sum gradients over ranks (losses are normalised by global token counts, so the sum is the batch gradient).
 
-    One flat buffer: one collective instead of one per parameter. A no-op under FSDP2, which reduce-scatters the
-    gradients itself during backward."""
-    if (env is not None and env.fsdp) or not (dist.is_initialized() and dist.get_world_size() > 1):
+    One flat buffer per dtype: a handful of collectives instead of one per parameter."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):

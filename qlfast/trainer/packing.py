@@ -87,12 +87,3 @@ def split_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     if cur:
         groups.append(cur)
     return groups
-
-
-def empty_batch() -> PackedBatch:
-    """A 2-token batch with no loss position: lets a rank with less data join a collective forward/backward (FSDP2)."""
-    b = pack([[0]], [[0]], advantages=[0.0], rollout_logprobs=[[0.0]])
-    b.mask.zero_()
-    b.advantages.zero_()
-    b.seq_index = []
-    return b
