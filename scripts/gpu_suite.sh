@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one call on a lent H100/H200: build qlfast._C, run the gpu-marked tests, run bench/ at real
 # sizes. Logs and bench rows go to $OUT (or ./gpu-out). Usage: bash scripts/gpu_suite.sh [pytest -k expr for bench]
+# Liger-Kernel (a comparison provider) is not on the GPU image; fetch its pure-Python wheel here first and carry .whl:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl liger-kernel==0.8.5
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
