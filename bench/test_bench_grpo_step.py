@@ -112,7 +112,7 @@ class QlfastStep:
         t1 = time.perf_counter()
         rl_step.add_advantages(groups, g, rl.norm_adv_by_std)
         upd = rl_step.policy_update(self.model, self.opt, self.sched, groups, self.env, rl=rl, mini_batches=1,
-                                    backend=self.cfg.model.logprob_backend)
+                                    max_response_tokens=self.shape["max_new"], backend=self.cfg.model.logprob_backend)
         t2 = time.perf_counter()
         wake_and_sync(self.engine, self.model)
         t3 = time.perf_counter()

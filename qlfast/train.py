@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.sleep()  # GPU: release the engine's weights and KV cache for the training step (no-op on CPU)
         upd = rl_step.policy_update(model, rl_opt, rl_sched, kept, env, rl=cfg.rl,
                                     mini_batches=max(1, cfg.rl.batch_size // cfg.rl.mini_batch_size),
+                                    max_response_tokens=phase.max_response_tokens,
                                     backend=cfg.model.logprob_backend)
         t2 = time.perf_counter()
         state["bad_steps"] = 0 if upd.pop("finite") else state["bad_steps"] + 1

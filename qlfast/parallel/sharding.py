@@ -128,6 +128,17 @@ def check_same_across_ranks(t: torch.Tensor, group=None, *, what: str = "cu_seql
                          f"rank 0): every rank must pass the same packed-batch layout")
 
 
+def _plan_inputs(cu_seqlens, world_size: int, rank: int, group, device):
+    """Checks shared by every plan -> (sequence lengths, device of the plan's tensors)."""
+    _check_world(world_size, rank)
+    lens = _seqlens(cu_seqlens)
+    if device is None:
+        device = cu_seqlens.device if torch.is_tensor(cu_seqlens) else torch.device("cpu")
+    if group is not None:
+        check_same_across_ranks(torch.tensor([world_size, *lens]), group)
+    return lens, device
+
+
 def zigzag_plan(cu_seqlens, world_size: int, rank: int, *, pad: bool = True, group=None, device=None) -> ShardPlan:
     """Plan for zigzag ring attention: rank `rank` holds chunks rank and 2W-1-rank of every sequence.
 
@@ -135,12 +146,7 @@ def zigzag_plan(cu_seqlens, world_size: int, rank: int, *, pad: bool = True, gro
     multiple of 2W (needed for non-causal attention). group: when given, checks that every rank passes the same
     cu_seqlens. device: where the plan's tensors live (defaults to cu_seqlens's device, CPU for a list).
     """
-    _check_world(world_size, rank)
-    lens = _seqlens(cu_seqlens)
-    if device is None:
-        device = cu_seqlens.device if torch.is_tensor(cu_seqlens) else torch.device("cpu")
-    if group is not None:
-        check_same_across_ranks(torch.tensor([world_size, *lens]), group)
+    lens, device = _plan_inputs(cu_seqlens, world_size, rank, group, device)
     n_chunks = 2 * world_size
     if not pad:
         bad = [(s, n) for s, n in enumerate(lens) if n % n_chunks]
@@ -174,12 +180,7 @@ def zigzag_plan(cu_seqlens, world_size: int, rank: int, *, pad: bool = True, gro
 
 def contiguous_plan(cu_seqlens, world_size: int, rank: int, *, group=None, device=None) -> ShardPlan:
     """Plan for Ulysses: the packed batch padded to a multiple of W with one pad sequence, cut in W equal pieces."""
-    _check_world(world_size, rank)
-    lens = _seqlens(cu_seqlens)
-    if device is None:
-        device = cu_seqlens.device if torch.is_tensor(cu_seqlens) else torch.device("cpu")
-    if group is not None:
-        check_same_across_ranks(torch.tensor([world_size, *lens]), group)
+    lens, device = _plan_inputs(cu_seqlens, world_size, rank, group, device)
     total = sum(lens)
     t_pad = -(-max(total, 1) // world_size) * world_size
     padded = lens + ([t_pad - total] if t_pad > total else [])

@@ -94,7 +94,7 @@ def _sequences(groups: list[Group]):
 
 
 def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, mini_batches: int,
-                  backend: str = "auto") -> dict:
+                  max_response_tokens: int, backend: str = "auto") -> dict:
     """Mini-batch policy-gradient updates over this rank's groups. Returns reduced metrics and whether every
     optimizer step had finite gradients."""
     (n_global,) = dist.sum_floats(sum(len(g.responses) for g in groups))
@@ -132,9 +132,9 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
     norms, all_ok = [], True
     for k, (micro, n_tok, n_seq) in enumerate(plans):
         g_tok, g_seq = dist.sum_floats(n_tok, n_seq)
+        # Dr. GRPO's normaliser is a constant, the generation budget: the same on every rank and micro-batch
         cfg = PolicyLossConfig(**loss_cfg, global_tokens=max(g_tok, 1.0), global_seqs=max(g_seq, 1.0),
-                               loss_agg_norm=float(max(1, max((len(r) for g in groups for r in g.responses),
-                                                              default=1))))
+                               loss_agg_norm=float(max_response_tokens))
         for j, b in enumerate(micro):
             b = b.to(env.device)
             hidden = model(b.input_ids, b.position_ids, b.cu_seqlens)
