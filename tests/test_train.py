@@ -8,7 +8,6 @@ import torch
 from qlfast import config
 from qlfast.trainer import checkpoint
 from qlfast.trainer.logger import MetricsLogger
-from qlfast.trainer.packing import pack, split_by_tokens
 
 
 def test_overrides_parse_by_declared_type():
@@ -41,25 +40,6 @@ def test_presets_build_and_differ():
     assert (big.rl.group_size, big.rl.batch_size, big.rl.mini_batch_size, big.rl.lr) == (8, 128, 32, 2e-6)
     assert (big.rl.temperature, big.rl.top_p, big.rl.overlong_window, big.rl.max_gen_rounds) == (0.7, 0.95, 1000, 10)
     assert [p.max_prompt_tokens for p in big.rl.phases] == [20480, 61440]
-
-
-def test_pack_aligns_targets_mask_and_per_token_values():
-    b = pack([[1, 2, 3], [4, 5]], [[6, 7], [8]], advantages=[0.5, -1.0], rollout_logprobs=[[-0.1, -0.2], [-0.3]])
-    assert b.input_ids.tolist() == [1, 2, 3, 6, 7, 4, 5, 8]
-    assert b.cu_seqlens.tolist() == [0, 5, 8] and b.cu_seqlens.dtype == torch.int32
-    assert b.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
-    # position t predicts t+1 within its sequence; the last position of each sequence has no target
-    assert b.targets.tolist() == [2, 3, 6, 7, -100, 5, 8, -100]
-    assert b.mask.tolist() == [0, 0, 1, 1, 0, 0, 1, 0]
-    assert b.advantages.tolist() == [0, 0, 0.5, 0.5, 0, 0, -1.0, 0]
-    assert torch.allclose(b.rollout_logprob, torch.tensor([0, 0, -0.1, -0.2, 0, 0, -0.3, 0]))
-    with pytest.raises(ValueError, match="rollout log-probs"):
-        pack([[1, 2]], [[3, 4]], rollout_logprobs=[[-0.1]])
-
-
-def test_split_by_tokens_keeps_order_and_budget():
-    assert split_by_tokens([3, 3, 3, 10, 1], 6) == [[0, 1], [2], [3], [4]]
-    assert split_by_tokens([], 6) == []
 
 
 def test_checkpoint_is_atomic_and_latest_is_complete(tmp_path):

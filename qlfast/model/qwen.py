@@ -30,6 +30,7 @@ from qlfast.model import io
 from qlfast.model.config import ModelOptions, head_dim, load_config, qkv_bias
 from qlfast.model.rope import RotaryEmbedding, apply_rope
 from qlfast.model.tiled_mlp import tiled_mlp
+from qlfast.ops.shared_prefix import SharedPrefix, shared_prefix_attention
 
 
 def _liger_available() -> bool:
@@ -105,7 +106,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, opts: ModelOptions):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, opts: ModelOptions, prefix: SharedPrefix | None = None):
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # (T, Hq, D)
         k = self.k_proj(x).view(t, self.n_kv, self.head_dim)  # (T, Hkv, D)
@@ -113,7 +114,11 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, cos, sin)
-        if opts.attention_fn is not None:
+        if prefix is not None:  # prompt-shared packing (qlfast/ops/shared_prefix.py)
+            backend = "auto" if opts.attn_backend == "sdpa" else opts.attn_backend  # auto: sdpa on CPU
+            out, _ = shared_prefix_attention(q, k, v, cu_seqlens, prefix, max_seqlen=max_seqlen,
+                                             softmax_scale=self.scale, backend=backend)
+        elif opts.attention_fn is not None:
             out = opts.attention_fn(q, k, v, cu_seqlens, max_seqlen)
             out = out[0] if isinstance(out, tuple) else out
         elif opts.attn_backend == "sdpa":
@@ -162,8 +167,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, opts: ModelOptions):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, opts)
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, opts: ModelOptions, prefix: SharedPrefix | None = None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, opts, prefix)
         return h + self.mlp(self.post_attention_layernorm(h), opts)
 
 
@@ -265,9 +270,16 @@ class QwenForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                prefix: SharedPrefix | None = None) -> torch.Tensor:
         """input_ids (T,), position_ids (T,) (default: restart at every cu_seqlens boundary), cu_seqlens int32
-        (S+1,) (default: one sequence) -> final-norm hidden states (T, H)."""
+        (S+1,) (default: one sequence) -> final-norm hidden states (T, H).
+
+        prefix: prompt-shared packing (groups of [prompt | responses], see qlfast/ops/shared_prefix.py); the caller
+        then gives position ids that continue each response from its prompt."""
+        if prefix is not None and self.options.attention_fn is not None:
+            raise ValueError("QwenForCausalLM: prompt-shared packing (prefix=...) does not combine with a "
+                             "sequence-parallel attention_fn yet; pack sequences one by one under sequence parallel")
         if input_ids.dim() != 1:
             raise ValueError(f"QwenForCausalLM: input_ids must be packed (T,), got shape {tuple(input_ids.shape)}")
         t = input_ids.shape[0]
@@ -290,9 +302,10 @@ class QwenForCausalLM(nn.Module):
             offloader.begin()
         for layer in self.model.layers:
             if opts.checkpoint and torch.is_grad_enabled():
-                x = ckpt.checkpoint_layer(layer, x, cos, sin, cu_seqlens, max_seqlen, opts, offloader=offloader)
+                x = ckpt.checkpoint_layer(layer, x, cos, sin, cu_seqlens, max_seqlen, opts, prefix,
+                                          offloader=offloader)
             else:
-                x = layer(x, cos, sin, cu_seqlens, max_seqlen, opts)
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, opts, prefix)
         return self.model.norm(x)
 
 

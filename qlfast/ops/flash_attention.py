@@ -11,8 +11,9 @@ differ, and a query row that sees no key gives out 0 and lse -inf. The low-level
 `flash_attn_varlen_fwd` / `flash_attn_varlen_bwd` take separate q and kv ranges for ring attention; their backward
 accepts the final merged out and lse of a ring.
 
-Backends: "auto" (triton on CUDA, torch on CPU), "triton", "torch", and "flash_attn" when the flash-attn package is
-installed (CUDA only).
+Backends: "auto" (triton on CUDA, torch on CPU), "triton", "torch", "flash_attn" when the flash-attn package is
+installed (CUDA only), and "sdpa" (CPU only, any head dim: ATen's flash kernel for CPU over padded buckets; see
+qlfast/ops/sdpa_varlen.py). Only "sdpa" takes head dims other than 64 and 128.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import importlib.util
 import torch
 
 from qlfast.ops import _dispatch
+from qlfast.ops.sdpa_varlen import sdpa_varlen_bwd, sdpa_varlen_fwd
 from qlfast.ref import attention as _ref
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -32,6 +34,10 @@ def _has_flash_attn() -> bool:
 
 
 def _resolve(backend: str, device: torch.device) -> str:
+    if backend == "sdpa":
+        if device.type != "cpu":
+            raise ValueError(f"flash_attention: backend='sdpa' runs ATen's CPU flash kernel; got {device} tensors")
+        return backend
     if backend == "flash_attn":
         if device.type != "cuda" or not _has_flash_attn():
             raise ValueError("flash_attention: backend='flash_attn' needs CUDA tensors and the flash_attn package")
@@ -39,7 +45,7 @@ def _resolve(backend: str, device: torch.device) -> str:
     return _dispatch.resolve(backend, device, op="flash_attention")
 
 
-def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, *, check_values: bool):
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, *, check_values: bool, backend: str = "auto"):
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"flash_attention: q must be (Tq, Hq, D), k and v (Tk, Hkv, D); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -48,7 +54,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, *, check_values: bool):
     if k.shape != v.shape or k.shape[2] != d:
         raise ValueError(f"flash_attention: k and v must both be (Tk, Hkv, D={d}); got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    if d not in SUPPORTED_HEAD_DIMS:
+    if d not in SUPPORTED_HEAD_DIMS and backend != "sdpa":
         raise ValueError(f"flash_attention: head dim D must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"flash_attention: Hq={hq} query heads must be a multiple of Hkv={hkv} kv heads (GQA)")
@@ -78,6 +84,8 @@ def _max_seqlen(cu: torch.Tensor) -> int:
 
 
 def _fwd_impl(backend, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    if backend == "sdpa":
+        return sdpa_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
     if backend == "torch":
         return _ref.forward(q, k, v, cu_q, cu_k, causal, scale)
     if backend == "triton":
@@ -88,6 +96,8 @@ def _fwd_impl(backend, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 
 def _bwd_impl(backend, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    if backend == "sdpa":
+        return sdpa_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
     if backend == "torch":
         return _ref.backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale)
     if backend == "triton":
@@ -126,7 +136,7 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     bottom-right aligned; rows that see no key give out 0, lse -inf. Validates shapes and dtypes only (no device
     sync): cu_seqlens must cover the tokens and max_seqlen_* must bound the sequence lengths.
     """
-    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, check_values=False)
+    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, check_values=False, backend=backend)
     backend = _resolve(backend, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -137,7 +147,7 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
 def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                           softmax_scale, backend="auto"):
     """Non-autograd backward -> (dq, dk, dv) in q/k/v's dtypes. out and lse may be a ring's final merged ones."""
-    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, check_values=False)
+    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, check_values=False, backend=backend)
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[1], q.shape[0]):
         raise ValueError(f"flash_attn_varlen_bwd: dout and out must be (Tq, Hq, D) = {tuple(q.shape)} and lse "
                          f"(Hq, Tq) = {(q.shape[1], q.shape[0])}; got dout {tuple(dout.shape)}, out "
@@ -172,9 +182,9 @@ def flash_attention(q, k, v, cu_seqlens, *, max_seqlen=None, causal=True, softma
     q (T, Hq, D), k and v (T, Hkv, D) with Hq a multiple of Hkv (GQA: query head h reads kv head h // (Hq/Hkv)),
     D in {64, 128}; cu_seqlens int32 (S+1,) from 0 to T; causal within each sequence; softmax_scale defaults to
     1/sqrt(D). max_seqlen (the longest sequence) is computed from cu_seqlens when not given.
-    backend: "auto" | "triton" | "torch" | "flash_attn". lse is not differentiable.
+    backend: "auto" | "triton" | "torch" | "flash_attn" | "sdpa" (CPU). lse is not differentiable.
     """
-    _validate(q, k, v, cu_seqlens, cu_seqlens, check_values=True)
+    _validate(q, k, v, cu_seqlens, cu_seqlens, check_values=True, backend=backend)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"flash_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must hold the same T tokens "
                          "(use flash_attn_varlen_fwd for separate q and kv ranges)")

@@ -8,9 +8,15 @@
     out_l = ulysses_attention(shard(q, plan), shard(k, plan), shard(v, plan), plan.cu_seqlens, plan.max_seqlen,
                               group=sp_group)
 
+    ulysses_group, ring_group = hybrid_groups(U)                             # Ulysses inside, ring across
+    plan = hybrid_plan(cu_seqlens, U, R, rank=r)
+    out_l = hybrid_attention(shard(q, plan), ..., plan.cu_seqlens_local, plan.max_seqlen_local,
+                             ulysses_group=ulysses_group, ring_group=ring_group)
+
 The device mesh and FSDP wrapping live in qlfast.parallel.mesh / qlfast.parallel.fsdp (imported on their own).
 """
 
+from qlfast.parallel.hybrid import HybridPlan, hybrid_attention, hybrid_groups, hybrid_plan
 from qlfast.parallel.merge import merge_attn_
 from qlfast.parallel.ring import ring_attention
 from qlfast.parallel.sharding import (
@@ -26,6 +32,7 @@ from qlfast.parallel.sharding import (
 from qlfast.parallel.ulysses import ulysses_attention
 
 __all__ = [
-    "ShardPlan", "check_same_across_ranks", "check_ulysses_heads", "contiguous_plan", "gather_unshard", "merge_attn_",
-    "ring_attention", "shard", "ulysses_attention", "unshard", "zigzag_plan",
+    "HybridPlan", "ShardPlan", "check_same_across_ranks", "check_ulysses_heads", "contiguous_plan", "gather_unshard",
+    "hybrid_attention", "hybrid_groups", "hybrid_plan", "merge_attn_", "ring_attention", "shard", "ulysses_attention",
+    "unshard", "zigzag_plan",
 ]

@@ -66,6 +66,16 @@ class _HeadToSeq(torch.autograd.Function):
         return _seq_to_head(grad, ctx.group), None, None
 
 
+def seq_to_head(x: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable all-to-all: (T/W, H, D) sequence shard -> (T, H/W, D) head shard (ranks' pieces in rank order)."""
+    return _SeqToHead.apply(x, group)
+
+
+def head_to_seq(x: torch.Tensor, group, w: int) -> torch.Tensor:
+    """The inverse of seq_to_head for a group of w ranks: (T, H/W, D) -> (T/W, H, D)."""
+    return _HeadToSeq.apply(x, group, w)
+
+
 def _validate(q, k, v, cu, w, check, group):
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
         raise ValueError(f"ulysses_attention: q must be (T/W, Hq, D) and k, v (T/W, Hkv, D) on the same tokens; got "

@@ -107,9 +107,9 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
     plans = []
     for chunk in chunks:
         prompts, responses, adv, lps = _sequences(chunk)
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        micro = [pack(prompts, responses, advantages=adv, rollout_logprobs=lps, indices=idx)
-                 for idx in split_by_tokens(lengths, rl.micro_batch_tokens)]
+        share = rl.share_prompts
+        micro = [pack(prompts, responses, advantages=adv, rollout_logprobs=lps, indices=idx, share_prompts=share)
+                 for idx in split_by_tokens(prompts, responses, rl.micro_batch_tokens, share_prompts=share)]
         n_tok, n_seq = sum(len(r) for r in responses), len(responses)
         plans.append((micro, n_tok, n_seq))
     # behaviour-policy log-probs before the first update (needed only when one step makes several updates)
@@ -123,9 +123,8 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
                 old.append([])
                 for b in micro:
                     b = b.to(env.device)
-                    h = model(b.input_ids, b.position_ids, b.cu_seqlens)
-                    tgt = torch.where(b.mask > 0, b.targets, -100)
-                    old[-1].append(linear_logprob(h, model.lm_head_weight, tgt, temperature=rl.temperature,
+                    h = model(b.input_ids, b.position_ids, b.cu_seqlens, prefix=b.prefix).index_select(0, b.rows)
+                    old[-1].append(linear_logprob(h, model.lm_head_weight, b.targets, temperature=rl.temperature,
                                                   backend=backend))
     sums: dict[str, float] = {}
     ratio_max = 0.0
@@ -137,9 +136,11 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
                                loss_agg_norm=float(max_response_tokens))
         for j, b in enumerate(micro):
             b = b.to(env.device)
-            hidden = model(b.input_ids, b.position_ids, b.cu_seqlens)
-            loss, m = policy_loss(hidden, model.lm_head_weight, b.targets, b.advantages, b.mask,
-                                  cu_seqlens=b.cu_seqlens, old_logprob=None if old is None else old[k][j],
+            # only the rows that predict response tokens go through the LM head
+            hidden = model(b.input_ids, b.position_ids, b.cu_seqlens, prefix=b.prefix).index_select(0, b.rows)
+            loss, m = policy_loss(hidden, model.lm_head_weight, b.targets, b.advantages,
+                                  torch.ones_like(b.advantages), cu_seqlens=b.cu_rows,
+                                  old_logprob=None if old is None else old[k][j],
                                   rollout_logprob=b.rollout_logprob, config=cfg, backend=backend)
             loss.backward()
             for name, v in m.items():

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 from qlfast.ops.linear_logprob import linear_logprob
 from qlfast.trainer import dist
 from qlfast.trainer.optim import clip_and_step
@@ -39,12 +37,11 @@ def sft_step(model, optimizer, scheduler, prompts, responses, indices, env, *, m
     (global_tokens,) = dist.sum_floats(n_tok)
     loss_sum = 0.0
     weight = model.lm_head_weight
-    lengths = [len(prompts[i]) + len(responses[i]) for i in local]
-    for group in split_by_tokens(lengths, micro_tokens):
+    local_prompts, local_responses = [prompts[i] for i in local], [responses[i] for i in local]
+    for group in split_by_tokens(local_prompts, local_responses, micro_tokens):
         b = pack(prompts, responses, indices=[local[j] for j in group]).to(env.device)
-        hidden = model(b.input_ids, b.position_ids, b.cu_seqlens)
-        tgt = torch.where(b.mask > 0, b.targets, -100)
-        logp = linear_logprob(hidden, weight, tgt, backend=backend)
+        hidden = model(b.input_ids, b.position_ids, b.cu_seqlens).index_select(0, b.rows)
+        logp = linear_logprob(hidden, weight, b.targets, backend=backend)
         loss = -logp.sum() / max(global_tokens, 1.0)
         loss.backward()
         loss_sum += float(loss.detach())
