@@ -45,6 +45,10 @@ class ModelConfig:
     """Send checkpointed layer inputs to pinned CPU memory."""
     tiled_mlp: bool = False
     """Run the MLP over sequence tiles, recomputing per tile in backward."""
+    fsdp: bool = False
+    """FSDP2-shard parameters, gradients and optimizer state over torchrun's ranks (same metrics as replicated)."""
+    optimizer_offload: bool = False
+    """With fsdp: keep sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy)."""
 
 
 @dataclass
@@ -57,6 +61,9 @@ class DataConfig:
     """Synthetic training questions (when train_files is empty)."""
     synthetic_eval: int = 200
     """Synthetic held-out questions (when eval_files is empty)."""
+    synthetic_sft: int = 2000
+    """Synthetic warm-up SFT questions with worked responses, drawn apart from the RL questions (when
+    sft.data_files is empty): RL then trains on prompts the SFT never showed, as in the recipe."""
     synthetic_doc_tokens: str = "48,96"
     """Comma-separated synthetic document lengths in tokens, one group per curriculum phase."""
     synthetic_facts: int = 2
@@ -77,6 +84,10 @@ class DataConfig:
 class SFTConfig:
     steps: int = 1000
     """Warm-up SFT optimizer steps (0 skips SFT)."""
+    data_files: str = ""
+    """Comma-separated DocQA jsonl/parquet rows with a worked response in `reasoning` (plain schema) or
+    `extra_info.reasoning`; empty: synthetic SFT questions (data.synthetic_sft) or, with data.train_files, the
+    RL rows themselves (they must then carry a reasoning)."""
     batch_size: int = 16
     """Sequences per SFT step (global)."""
     lr: float = 3e-3
@@ -96,7 +107,7 @@ class Phase:
 
 
 def _tiny_phases() -> tuple[Phase, ...]:
-    return (Phase(120, 48, 30), Phase(200, 48, 30))
+    return (Phase(120, 48, 50), Phase(200, 48, 50))
 
 
 @dataclass
@@ -339,6 +350,8 @@ def from_args(argv: list[str] | None = None) -> Config:
             parser.error(str(e))
     if args.resume:
         cfg.train.resume = True
+    if cfg.model.optimizer_offload and not cfg.model.fsdp:
+        parser.error("--model.optimizer_offload=true offloads FSDP2's sharded state: it needs --model.fsdp=true")
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         raise SystemExit(0)

@@ -33,10 +33,15 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
 
 
-def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None) -> str:
-    """Run `script` under `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU); raise with its output on error.
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None,
+                 log=None) -> str:
+    """Run `script` under `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU); return its output (stdout and
+    stderr interleaved), or raise with the output when it fails or runs past `timeout` seconds.
 
-    Multi-process tests are plain pytest tests that call this with a worker script that asserts on every rank.
+    Multi-process tests are plain pytest tests that call this with a worker script that asserts on every rank. The
+    error shows every distinct Python traceback the ranks printed, then the output's tail (torchrun's own summary
+    names no cause); `log`, a path, keeps the whole output. On timeout the workers are stopped too, so that no rank
+    lives on into the next test.
     """
     import os
     import subprocess
@@ -44,11 +49,45 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, 
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun {script} failed with exit code {proc.returncode}:\n{out[-8000:]}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        failure = f"failed with exit code {proc.returncode}" if proc.returncode else None
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: torchrun passes it on to its workers (each in a session of its own), waits for them
+        # (SIGKILL after 30 s), then exits
+        proc.terminate()
+        out, _ = proc.communicate()
+        failure = f"ran past its {timeout:.0f} s timeout (stopped)"
+    if log is not None:
+        with open(log, "w") as f:
+            f.write(out)
+    if failure:
+        where = f" (whole output: {log})" if log else ""
+        raise AssertionError(f"torchrun {script} {' '.join(args)} {failure}{where}:\n{_tracebacks(out)}\n"
+                             f"---- last lines ----\n{out[-6000:]}")
     return out
+
+
+def _tracebacks(out: str, limit: int = 4) -> str:
+    """The distinct Python tracebacks of the ranks in `out` (each up to its exception line), at most `limit`."""
+    import re
+
+    blocks, cur = [], None
+    for line in out.splitlines():
+        body = re.sub(r"^\[rank\d+\]: ?", "", line)  # torchrun prefixes a worker's stderr lines
+        if body.startswith("Traceback (most recent call last)"):
+            cur = [line]
+        elif cur is not None:
+            cur.append(line)
+            if body and not body[0].isspace():  # the exception line ends the block
+                # torchrun's own exceptions (ChildFailedError, SignalException) name no cause
+                if "torch.distributed.elastic" not in body and cur not in blocks:
+                    blocks.append(cur)
+                cur = None
+    if not blocks:
+        return "(no Python traceback from a rank in the output)"
+    return "\n\n".join("\n".join(b) for b in blocks[:limit])
 
 
 def skip_gpu_items_without_cuda(items) -> None:

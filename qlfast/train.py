@@ -57,11 +57,13 @@ def heldout_accuracy(engine, tokenizer, ds, reward, env, cfg, max_new_tokens, st
 
 def main(argv: list[str] | None = None) -> None:
     cfg = config_mod.from_args(argv)
-    env = dist.init(cfg.train.device)
+    env = dist.init(cfg.train.device, fsdp=cfg.model.fsdp)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     phases = [Phase(p.max_prompt_tokens, p.max_response_tokens, steps=p.steps) for p in cfg.rl.phases]
     tokenizer, model = build.tokenizer_and_model(cfg, env.device)
+    if env.fsdp:
+        dist.shard_model(model, env, cpu_offload=cfg.model.optimizer_offload)
     try:
         ds = build.datasets(cfg, tokenizer, phases)
     except FileNotFoundError as e:
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     reward = build_reward(cfg.reward.judge, cfg.reward.judge_model, cfg.reward.judge_timeout_s,
                           cfg.reward.judge_retries)
     logger = MetricsLogger(run_dir, env.is_main, curriculum.total_steps)
-    logger.write(f"qlfast.train: {env.world} rank(s) on {env.device}; {len(ds.train)} train / {len(ds.heldout)} "
-                 f"held-out questions; {ds.bins.report()}" + (f"; skipped {len(ds.skipped)} bad rows"
+    logger.write(f"qlfast.train: {env.world} rank(s) on {env.device}; {len(ds.sft)} SFT / {len(ds.train)} RL / "
+                 f"{len(ds.heldout)} held-out questions; {ds.bins.report()}" + (f"; skipped {len(ds.skipped)} bad rows"
                                                                if ds.skipped else ""))
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,15 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = checkpoint.latest(run_dir) if cfg.train.resume else None
     if ckpt is not None:
         state, trainer_state = checkpoint.load(ckpt)
-        model.load_state_dict(trainer_state["model"])
-        sft_opt.load_state_dict(trainer_state["sft_opt"])
+        if env.fsdp:  # sharded model + RL optimizer (checkpoints are written from the end of SFT on)
+            checkpoint.load_sharded(ckpt / "dcp", model, rl_opt)
+        else:
+            model.load_state_dict(trainer_state["model"])
+            sft_opt.load_state_dict(trainer_state["sft_opt"])
+            rl_opt.load_state_dict(trainer_state["rl_opt"])
         sft_sched.load_state_dict(trainer_state["sft_sched"])
-        rl_opt.load_state_dict(trainer_state["rl_opt"])
         rl_sched.load_state_dict(trainer_state["rl_sched"])
         curriculum.load_state_dict(state["curriculum"])
         table.load_state_dict(state["difficulty"])
         checkpoint.set_rng_state(trainer_state["rng"])
-        logger.truncate_after(state["rl_step"])
+        logger.truncate_after(state["rl_step"], state["sft_step"])
         logger.write(f"resumed from {ckpt} (stage {state['stage']}, SFT step {state['sft_step']}, "
                      f"RL step {state['rl_step']})")
     elif env.is_main and (run_dir / "metrics.jsonl").exists():
@@ -108,18 +113,19 @@ def main(argv: list[str] | None = None) -> None:
 
     def save(tag: str) -> None:
         state.update(curriculum=curriculum.state_dict(), difficulty=table.state_dict())
-        trainer_state = {"model": model.state_dict(), "sft_opt": sft_opt.state_dict(),
-                         "sft_sched": sft_sched.state_dict(), "rl_opt": rl_opt.state_dict(),
-                         "rl_sched": rl_sched.state_dict(), "rng": checkpoint.rng_state()}
-        checkpoint.save(run_dir, tag, save_model=lambda d: env.is_main and model.save_pretrained(d, tokenizer),
-                        state=state, trainer_state=trainer_state)
+        trainer_state = {"sft_sched": sft_sched.state_dict(), "rl_sched": rl_sched.state_dict(),
+                         "rng": checkpoint.rng_state()}
+        if not env.fsdp:  # under FSDP2 the model and the RL optimizer go to the sharded dcp/ files instead
+            trainer_state.update(model=model.state_dict(), sft_opt=sft_opt.state_dict(), rl_opt=rl_opt.state_dict())
+        checkpoint.save(run_dir, tag, save_model=lambda d: build.export(model, d, tokenizer, env), state=state,
+                        trainer_state=trainer_state, sharded=(model, rl_opt) if env.fsdp else None)
 
     # ---- 1. warm-up SFT ---------------------------------------------------------------------------------------------
     if state["stage"] == "sft":
-        responses = sft.response_ids(tokenizer, ds.train)
+        responses = sft.response_ids(tokenizer, ds.sft)
         for step in range(state["sft_step"], cfg.sft.steps):
-            idx = sft.step_indices(len(ds.train), cfg.sft.batch_size, step, cfg.data.seed)
-            m = sft.sft_step(model, sft_opt, sft_sched, ds.prompt_ids, responses, idx, env,
+            idx = sft.step_indices(len(ds.sft), cfg.sft.batch_size, step, cfg.data.seed)
+            m = sft.sft_step(model, sft_opt, sft_sched, ds.sft_prompt_ids, responses, idx, env,
                              micro_tokens=cfg.rl.micro_batch_tokens, max_grad_norm=cfg.rl.max_grad_norm,
                              backend=cfg.model.logprob_backend)
             state["sft_step"] = step + 1
@@ -133,8 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     max_prompt = max(p.max_prompt_tokens for p in phases)
     max_resp = max(p.max_response_tokens for p in phases)
     model_dir = run_dir / "engine-init"
-    if env.is_main:
-        model.save_pretrained(str(model_dir), tokenizer)
+    build.export(model, str(model_dir), tokenizer, env)
     dist.barrier()
     engine = RolloutEngine(str(model_dir), EngineConfig(
         dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -178,11 +183,11 @@ def main(argv: list[str] | None = None) -> None:
                "weight_version": sync.version, "time_rollout_reward": t1 - t0, "time_train": t2 - t1,
                "time_sync": t3 - t2, "time_step": t3 - t0}
         row["tokens_per_s"] = row["train_tokens"] / max(t3 - t0, 1e-9)
-        if cfg.rollout.parity_every and (step + 1) % cfg.rollout.parity_every == 0 and kept:
+        if cfg.rollout.parity_every and (step + 1) % cfg.rollout.parity_every == 0:
             from qlfast.rollout.parity import check_parity
 
-            par = check_parity(engine, model, [kept[0].prompt_ids + kept[0].responses[0]],
-                               warn_above=cfg.rollout.parity_warn)
+            # the same tokens on every rank (under FSDP2 the trainer's forward is a collective)
+            par = check_parity(engine, model, [ds.heldout_prompt_ids[0]], warn_above=cfg.rollout.parity_warn)
             row.update(parity_mean=par.mean_abs_diff, parity_max=par.max_abs_diff)
         logger.log(step, row)
         state["rl_step"] = step + 1
@@ -201,9 +206,9 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     # ---- 4. report --------------------------------------------------------------------------------------------------
+    final = run_dir / "final"
+    build.export(model, str(final), tokenizer, env)
     if env.is_main:
-        final = run_dir / "final"
-        model.save_pretrained(str(final), tokenizer)
         report = write_report(run_dir, logger.rows("train"), state["evals"])
         logger.write(f"final model: {final}\nreport: {report} (and {run_dir / 'report.md'})")
     logger.close()

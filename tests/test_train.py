@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qlfast import config
-from qlfast.trainer import checkpoint
+from qlfast.trainer import checkpoint, optim
 from qlfast.trainer.logger import MetricsLogger
 
 
@@ -60,6 +60,41 @@ def test_checkpoint_is_atomic_and_latest_is_complete(tmp_path):
     assert checkpoint.latest(tmp_path).name == "b"
 
 
+def test_sharded_checkpoint_leaves_an_unstepped_optimizer_alone(tmp_path):
+    """DCP's get_optimizer_state_dict creates missing optimizer state with a zero-gradient step(), which AdamW counts:
+    the first real update then takes step-2 bias corrections and moves 0.744x as far (this was the FSDP run's 25%
+    policy_loss gap from the "sft" checkpoint on). Saving must leave a fresh optimizer fresh, resuming from it must
+    take the same first step, and a stepped optimizer must round-trip."""
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        return model, optim.adamw(model, lr=1e-2)
+
+    def step(model, opt):
+        for p in model.parameters():
+            p.grad = torch.linspace(-1, 1, p.numel()).view_as(p)
+        opt.step()
+        opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    model, opt = fresh()
+    checkpoint.save_sharded(tmp_path / "fresh", model, opt)
+    assert not opt.state
+    expected = step(*fresh())
+    resumed, resumed_opt = fresh()
+    checkpoint.load_sharded(tmp_path / "fresh", resumed, resumed_opt)
+    assert not resumed_opt.state
+    assert all(torch.equal(a, b) for a, b in zip(step(resumed, resumed_opt), expected))
+
+    step(model, opt)
+    checkpoint.save_sharded(tmp_path / "stepped", model, opt)
+    other, other_opt = fresh()
+    checkpoint.load_sharded(tmp_path / "stepped", other, other_opt)
+    assert float(other_opt.state[other.weight]["step"]) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(step(other, other_opt), step(model, opt)))
+
+
 def test_rng_state_round_trip():
     s = checkpoint.rng_state()
     a = torch.rand(3)
@@ -69,14 +104,20 @@ def test_rng_state_round_trip():
 
 def test_metrics_truncate_after_resume_step(tmp_path):
     log = MetricsLogger(tmp_path, is_main=True, total_steps=4)
+    for step in range(5):  # SFT steps 0..4 finished before RL started: all of them stay
+        log.log(step, {"sft_loss": 1.0 / (step + 1)}, stream="sft")
     for step in range(4):
         log.log(step, {"reward_mean": float(step)})
     log.log(2, {"accuracy": 0.5, "stage": "after phase 1"}, stream="eval")
     log.close()
     log = MetricsLogger(tmp_path, is_main=True, total_steps=4, resume_step=2)
-    log.truncate_after(2)
+    log.truncate_after(2, 5)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stream"], r["step"]) for r in rows] == [("train", 0), ("train", 1), ("eval", 2)]
+    assert [(r["stream"], r["step"]) for r in rows] == [("sft", s) for s in range(5)] + [
+        ("train", 0), ("train", 1), ("eval", 2)]
+    log.truncate_after(0, 3)  # a checkpoint taken mid-SFT, after 3 SFT steps
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stream"], r["step"]) for r in rows] == [("sft", 0), ("sft", 1), ("sft", 2)]
     log.close()
 
 
@@ -91,3 +132,27 @@ def test_bad_data_file_stops_with_file_row_field(tmp_path):
                            f"--data.train_files={bad}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"{bad}: row 2: field 'question" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sft_data_is_apart_from_rl_data(tmp_path):
+    """Synthetic SFT questions come from their own seed (RL trains on prompts SFT never showed); --sft.data_files
+    loads worked responses from a file."""
+    from qlfast.trainer import build
+
+    cfg = config.from_args(["--data.synthetic_train=40", "--data.synthetic_sft=30", "--data.synthetic_eval=8"])
+    tokenizer, _ = build.tokenizer_and_model(cfg, torch.device("cpu"))
+    ds = build.datasets(cfg, tokenizer, list(cfg.rl.phases))
+    assert len(ds.sft) == len(ds.sft_prompt_ids) == 30 and len(ds.train) == 40
+    assert all("reasoning" in ex.extra for ex in ds.sft)
+    rl_docs = {(ex.document, ex.question) for ex in ds.train}
+    assert not rl_docs & {(ex.document, ex.question) for ex in ds.sft}
+    assert not {ex.uid for ex in ds.train} & {ex.uid for ex in ds.sft}
+
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text(json.dumps({"document": "The vault code of Kestrel House is 4.", "question": "What is the vault "
+                                "code of Kestrel House?", "answer": "4",
+                                "reasoning": "<think>Kestrel House: 4.</think> Therefore, the answer is 4"}) + "\n")
+    cfg = config.from_args(["--data.synthetic_train=40", "--data.synthetic_eval=8", f"--sft.data_files={rows}"])
+    ds = build.datasets(cfg, tokenizer, list(cfg.rl.phases))
+    assert len(ds.sft) == 1 and ds.sft[0].extra["reasoning"].startswith("<think>")
+    assert tokenizer.decode(ds.sft_prompt_ids[0]).count("Kestrel House") == 2  # document and question

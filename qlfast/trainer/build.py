@@ -48,6 +48,8 @@ class Datasets:
     heldout_prompt_ids: list[list[int]]
     bins: LengthBins
     skipped: list[str]
+    sft: list[docqa.DocQAExample]  # warm-up SFT examples (with extra["reasoning"])
+    sft_prompt_ids: list[list[int]]
 
 
 def synthetic_task(data: DataConfig, doc_tokens: int) -> synthetic.SyntheticConfig:
@@ -83,7 +85,17 @@ def datasets(cfg: Config, tokenizer, phases: list[Phase]) -> Datasets:
     prompt_ids = [render(tokenizer, ex) for ex in train]
     heldout_ids = [render(tokenizer, ex, max_tokens=limit) for ex in heldout]
     bins = assign_bins([len(p) for p in prompt_ids], [p.max_prompt_tokens for p in phases])
-    return Datasets(train, heldout, prompt_ids, heldout_ids, bins, skipped)
+    if cfg.sft.steps <= 0:
+        sft_examples, sft_ids = [], []
+    elif cfg.sft.data_files:
+        sft_examples = docqa.load_docqa(cfg.sft.data_files.split(","), skip_bad=cfg.data.skip_bad_rows).examples
+        sft_ids = [render(tokenizer, ex, max_tokens=limit) for ex in sft_examples]
+    elif cfg.data.train_files:  # no separate SFT data: the RL rows, which must carry a worked response
+        sft_examples, sft_ids = train, prompt_ids
+    else:  # synthetic, disjoint from the RL questions (its own seed)
+        sft_examples = _synthetic(cfg, cfg.data.synthetic_sft, seed=cfg.data.seed + 104729)
+        sft_ids = [render(tokenizer, ex) for ex in sft_examples]
+    return Datasets(train, heldout, prompt_ids, heldout_ids, bins, skipped, sft_examples, sft_ids)
 
 
 def render(tokenizer, ex: docqa.DocQAExample, max_tokens: int | None = None) -> list[int]:
@@ -91,3 +103,16 @@ def render(tokenizer, ex: docqa.DocQAExample, max_tokens: int | None = None) -> 
         return template.render_prompt(tokenizer, ex.document, ex.question, max_tokens).input_ids
     text = template.apply_chat(tokenizer, ex.user_prompt())
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def export(model, path, tokenizer, env) -> None:
+    """Write the model (HF layout) and tokenizer to `path`; collective under FSDP2 (the full weights are gathered)."""
+    if env.fsdp:
+        from qlfast.model import io
+        from qlfast.parallel.fsdp import full_state_dict
+
+        full = full_state_dict(model)
+        if env.is_main:
+            io.save(model, path, tokenizer=tokenizer, state_dict=full)
+    elif env.is_main:
+        model.save_pretrained(path, tokenizer)

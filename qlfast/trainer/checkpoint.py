@@ -4,6 +4,8 @@ Layout of <run_dir>/checkpoints/<tag>/ (written to <tag>.tmp-<pid> first, then r
 half-written checkpoint under a real name):
     model/              Hugging Face layout (config.json, safetensors, tokenizer): loads into transformers and vLLM
     trainer-rank<r>.pt  optimizer, scheduler, RNG states of that rank
+    dcp/                FSDP2 only: the sharded model and optimizer state (torch.distributed.checkpoint, one file
+                        per rank), in place of the model and optimizer in trainer-rank<r>.pt
     state.json          stage, phase, step, sampler positions, difficulty table, metrics needed to continue
 <run_dir>/checkpoints/LATEST names the newest complete tag (itself replaced atomically).
 """
@@ -43,11 +45,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_state: dict, keep: int = 2) -> Path:
+def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_state: dict, keep: int = 2,
+         sharded: tuple | None = None) -> Path:
     """Write checkpoint `tag` on every rank (rank 0 writes the model and state.json); return its final path.
 
     save_model(dir) writes the HF model directory (called on every rank: FSDP gathers are collective; the callee
-    writes only on rank 0). trainer_state is this rank's optimizer/scheduler/RNG dict.
+    writes only on rank 0). trainer_state is this rank's optimizer/scheduler/RNG dict. sharded=(model, optimizer):
+    FSDP2-sharded, written to dcp/ by save_sharded.
     """
     root = Path(run_dir) / "checkpoints"
     final = root / tag
@@ -58,6 +62,8 @@ def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_stat
         tmp.mkdir(parents=True)
     _barrier()
     save_model(str(tmp / "model"))
+    if sharded is not None:
+        save_sharded(tmp / "dcp", *sharded)
     torch.save(trainer_state, tmp / f"trainer-rank{rank}.pt")
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
@@ -109,3 +115,37 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"checkpoint state: cannot store {type(o).__name__} in state.json")
+
+
+# ---- FSDP2: model and optimizer state as sharded DCP checkpoints (each rank writes and reads its own shards) ----
+
+
+def save_sharded(path: str | Path, model, optimizer) -> None:
+    """Write the sharded model and optimizer state (collective).
+
+    An optimizer that has not stepped yet is left out: DCP's get_optimizer_state_dict would create its state with a
+    zero-gradient step(), which AdamW counts, so the first real update would take step-2 bias corrections and move the
+    weights 0.744x as far as it should (the RL optimizer at the "sft" checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    state = {"model": sd.get_model_state_dict(model)}
+    if optimizer.state:
+        state["optim"] = sd.get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_sharded(path: str | Path, model, optimizer) -> None:
+    """Read what save_sharded wrote into the sharded model and optimizer (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {"model": sd.get_model_state_dict(model)}
+    if any(k.startswith("optim.") for k in saved):
+        # the template's zero-gradient step (see save_sharded) is overwritten by the loaded state, step count included
+        state["optim"] = sd.get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    sd.set_model_state_dict(model, state["model"])
+    if "optim" in state:
+        sd.set_optimizer_state_dict(model, optimizer, state["optim"])

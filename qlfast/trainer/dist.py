@@ -16,24 +16,37 @@ class Env:
     world: int
     local_rank: int
     device: torch.device
+    fsdp: bool = False
+    """The policy is FSDP2-sharded: FSDP reduces the gradients, and every rank runs the same number of forward and
+    backward passes (its all-gathers are collectives)."""
+
+    @property
+    def loss_scale(self) -> float:
+        """Losses are normalised by global counts, so the batch gradient is the SUM over ranks; FSDP2 averages."""
+        return float(self.world) if self.fsdp else 1.0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init(device_pref: str = "auto") -> Env:
+def init(device_pref: str = "auto", *, fsdp: bool = False) -> Env:
+    """The process group (when there is more than one rank, or with fsdp) and this rank's device."""
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise SystemExit("qlfast.train: --train.device=cuda but no CUDA GPU is visible")
+    if fsdp and "MASTER_ADDR" not in os.environ:
+        raise SystemExit("qlfast.train: --model.fsdp=true shards over torchrun's ranks; launch with "
+                         "`torchrun --standalone --nproc_per_node=N -m qlfast.train ...`")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Env(rank, world, local_rank, device)
+    if (world > 1 or fsdp) and not dist.is_initialized():
+        # CUDA tensors go over NCCL; the small CPU tensors and objects of the bookkeeping collectives over gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return Env(rank, world, local_rank, device, fsdp=fsdp)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -63,11 +76,34 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_reduce_grads(model: torch.nn.Module) -> None:
+def max_int(n: int) -> int:
+    """The largest `n` over the ranks."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return n
+    t = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def shard_model(model: torch.nn.Module, env: Env, *, cpu_offload: bool = False) -> torch.nn.Module:
+    """FSDP2 over all ranks (one data-parallel dimension), before any optimizer is built over the parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from qlfast.parallel.fsdp import apply_fsdp
+
+    if cpu_offload and env.device.type != "cuda":
+        raise SystemExit("qlfast.train: --model.optimizer_offload=true moves FSDP2's sharded state off the GPU into "
+                         f"pinned CPU memory; it needs --train.device=cuda (this run trains on {env.device})")
+    mesh = init_device_mesh(env.device.type, (env.world,), mesh_dim_names=("dp",))
+    return apply_fsdp(model, mesh, cpu_offload=cpu_offload)
+
+
+def all_reduce_grads(model: torch.nn.Module, env: Env | None = None) -> None:
     """Sum gradients over ranks (losses are normalised by global token counts, so the sum is the batch gradient).
 
-    One flat buffer per dtype: a handful of collectives instead of one per parameter."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    One flat buffer: one collective instead of one per parameter. A no-op under FSDP2, which reduce-scatters the
+    gradients itself during backward."""
+    if (env is not None and env.fsdp) or not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):

@@ -49,8 +49,8 @@ class MetricsLogger:
         else:
             print(msg, flush=True)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop rows past the checkpoint's step, so the metrics equal an uninterrupted run's."""
+    def truncate_after(self, rl_step: int, sft_step: int) -> None:
+        """On resume: drop rows past the checkpoint's steps, so the metrics equal an uninterrupted run's."""
         if not self.is_main or not self.path.exists():
             return
         keep = []
@@ -58,9 +58,11 @@ class MetricsLogger:
             if not line.strip():
                 continue
             r = json.loads(line)
-            # train rows are logged after step r["step"] finished (steps 0..step-1 are done at a checkpoint of
-            # `step`); evaluation rows carry the number of finished steps
-            if r["step"] < step or (r.get("stream") != "train" and r["step"] <= step):
+            # sft and train rows are logged after their step finished (steps 0..n-1 are done at a checkpoint of n);
+            # evaluation rows carry the number of finished RL steps
+            stream = r.get("stream")
+            done = sft_step if stream == "sft" else rl_step
+            if r["step"] < done or (stream not in ("sft", "train") and r["step"] <= rl_step):
                 keep.append(line)
         self.path.write_text("".join(k + "\n" for k in keep))
 

@@ -32,6 +32,8 @@ def clip_and_step(model, optimizer, scheduler, max_norm: float) -> tuple[float, 
     """Clip, and step unless the gradient is non-finite. Returns (grad norm, stepped)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is itself a DTensor
+        norm = norm.full_tensor()
     ok = bool(torch.isfinite(norm))
     if ok:
         optimizer.step()

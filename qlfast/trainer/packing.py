@@ -136,3 +136,15 @@ def split_by_tokens(prompts: Sequence[Sequence[int]], responses: Sequence[Sequen
     if cur:
         batches.append(cur)
     return batches
+
+
+def empty_batch() -> PackedBatch:
+    """Two tokens and no loss row: lets a rank with less data join a collective forward/backward (FSDP2); the loss
+    over its zero rows is 0 with a graph that reaches every parameter, so the backward's collectives run too."""
+    b = pack([[0]], [[0]], advantages=[0.0], rollout_logprobs=[[0.0]])
+    none = slice(0, 0)
+    b.rows, b.targets, b.advantages, b.rollout_logprob = b.rows[none], b.targets[none], b.advantages[none], \
+        b.rollout_logprob[none]
+    b.cu_rows = torch.zeros(2, dtype=torch.int32)  # one response with no rows
+    b.seq_index = []
+    return b

@@ -17,7 +17,7 @@ from qlfast.rl.overlong import apply_overlong_shaping
 from qlfast.rollout.engine import SamplingConfig
 from qlfast.trainer import dist
 from qlfast.trainer.optim import clip_and_step
-from qlfast.trainer.packing import pack, split_by_tokens
+from qlfast.trainer.packing import empty_batch, pack, split_by_tokens
 
 
 @dataclass
@@ -110,6 +110,8 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
         share = rl.share_prompts
         micro = [pack(prompts, responses, advantages=adv, rollout_logprobs=lps, indices=idx, share_prompts=share)
                  for idx in split_by_tokens(prompts, responses, rl.micro_batch_tokens, share_prompts=share)]
+        if env.fsdp:  # the same number of passes on every rank
+            micro += [empty_batch()] * (dist.max_int(len(micro)) - len(micro))
         n_tok, n_seq = sum(len(r) for r in responses), len(responses)
         plans.append((micro, n_tok, n_seq))
     # behaviour-policy log-probs before the first update (needed only when one step makes several updates)
@@ -142,13 +144,13 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
                                   torch.ones_like(b.advantages), cu_seqlens=b.cu_rows,
                                   old_logprob=None if old is None else old[k][j],
                                   rollout_logprob=b.rollout_logprob, config=cfg, backend=backend)
-            loss.backward()
+            (loss * env.loss_scale).backward()
             for name, v in m.items():
                 if METRIC_REDUCE.get(name) == "sum":
                     sums[name] = sums.get(name, 0.0) + float(v) / mini_batches
                 elif name == "ratio_max":
                     ratio_max = max(ratio_max, float(v))
-        dist.all_reduce_grads(model)
+        dist.all_reduce_grads(model, env)
         norm, ok = clip_and_step(model, optimizer, scheduler, rl.max_grad_norm)
         norms.append(norm)
         all_ok &= ok

@@ -8,7 +8,7 @@ import random
 from qlfast.ops.linear_logprob import linear_logprob
 from qlfast.trainer import dist
 from qlfast.trainer.optim import clip_and_step
-from qlfast.trainer.packing import pack, split_by_tokens
+from qlfast.trainer.packing import empty_batch, pack, split_by_tokens
 
 
 def response_ids(tokenizer, examples) -> list[list[int]]:
@@ -36,16 +36,19 @@ def sft_step(model, optimizer, scheduler, prompts, responses, indices, env, *, m
     n_tok = sum(len(responses[i]) for i in local)
     (global_tokens,) = dist.sum_floats(n_tok)
     loss_sum = 0.0
-    weight = model.lm_head_weight
     local_prompts, local_responses = [prompts[i] for i in local], [responses[i] for i in local]
-    for group in split_by_tokens(local_prompts, local_responses, micro_tokens):
-        b = pack(prompts, responses, indices=[local[j] for j in group]).to(env.device)
+    batches = [pack(prompts, responses, indices=[local[j] for j in group])
+               for group in split_by_tokens(local_prompts, local_responses, micro_tokens)]
+    if env.fsdp:  # the same number of passes on every rank
+        batches += [empty_batch()] * (dist.max_int(len(batches)) - len(batches))
+    for b in batches:
+        b = b.to(env.device)
         hidden = model(b.input_ids, b.position_ids, b.cu_seqlens).index_select(0, b.rows)
-        logp = linear_logprob(hidden, weight, b.targets, backend=backend)
+        logp = linear_logprob(hidden, model.lm_head_weight, b.targets, backend=backend)
         loss = -logp.sum() / max(global_tokens, 1.0)
-        loss.backward()
+        (loss * env.loss_scale).backward()
         loss_sum += float(loss.detach())
-    dist.all_reduce_grads(model)
+    dist.all_reduce_grads(model, env)
     norm, ok = clip_and_step(model, optimizer, scheduler, max_grad_norm)
     (loss_total,) = dist.sum_floats(loss_sum)
     return {"sft_loss": loss_total, "grad_norm": norm, "finite": ok, "tokens": global_tokens}
