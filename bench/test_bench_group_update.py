@@ -39,6 +39,19 @@ def _group(p: int, r: int, g: int):
     return [prompt] * g, responses, advantages
 
 
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """One thread on CPU: on a shared 2-core machine two OpenMP threads stall whenever one is descheduled
+    (docs/perf/grpo_step.md, "Threads")."""
+    if DEVICE == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+    else:
+        yield
+
+
 @pytest.mark.parametrize("p,r,g", CASES)
 @pytest.mark.parametrize("provider", ["shared", "one-by-one"])
 def test_group_update(benchmark, provider, p, r, g):
