@@ -30,7 +30,7 @@ from qlfast.model import io
 from qlfast.model.config import ModelOptions, head_dim, load_config, qkv_bias
 from qlfast.model.rope import RotaryEmbedding, apply_rope
 from qlfast.model.tiled_mlp import tiled_mlp
-from qlfast.ops.shared_prefix import SharedPrefix, shared_prefix_attention
+from qlfast.ops.shared_prefix import SharedPrefix, check_layout, shared_prefix_attention
 
 
 def _liger_available() -> bool:
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         if prefix is not None:  # prompt-shared packing (qlfast/ops/shared_prefix.py)
             backend = "auto" if opts.attn_backend == "sdpa" else opts.attn_backend  # auto: sdpa on CPU
             out, _ = shared_prefix_attention(q, k, v, cu_seqlens, prefix, max_seqlen=max_seqlen,
-                                             softmax_scale=self.scale, backend=backend)
+                                             softmax_scale=self.scale, backend=backend, check=False)
         elif opts.attention_fn is not None:
             out = opts.attention_fn(q, k, v, cu_seqlens, max_seqlen)
             out = out[0] if isinstance(out, tuple) else out
@@ -294,6 +294,9 @@ class QwenForCausalLM(nn.Module):
             raise ValueError(f"QwenForCausalLM: position_ids must be (T,) = ({t},), got {tuple(position_ids.shape)}")
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if prefix is not None:
+            check_layout(cu_seqlens, prefix, t)  # once here; the layers skip the host-side checks
+            prefix = prefix.to(input_ids.device)
         x = self.model.embed_tokens(input_ids)  # (T, H)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (T, D) each
         opts = self.options

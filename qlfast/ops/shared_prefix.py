@@ -106,24 +106,32 @@ class _SharedPrefixAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+def check_layout(cu_seqlens: torch.Tensor, layout: SharedPrefix, total: int) -> None:
+    """Every group start, prompt end and group end must be a segment boundary, and the groups must cover the tokens
+    (reads cu_seqlens on the host: call once per batch, not per layer)."""
+    seg = set(int(x) for x in cu_seqlens.tolist())
+    missing = [b for b in layout.boundaries if b not in seg]
+    if missing or layout.boundaries[-1] != total:
+        raise ValueError(f"shared_prefix_attention: every group start, prompt end and group end must be a segment "
+                         f"boundary in cu_seqlens, and the groups must cover the T={total} tokens; missing "
+                         f"{missing[:8]}, groups end at {layout.boundaries[-1]}")
+
+
 def shared_prefix_attention(q, k, v, cu_seqlens, layout: SharedPrefix, *, max_seqlen=None, softmax_scale=None,
-                            backend="auto"):
+                            backend="auto", check=True):
     """Causal attention within segments plus each group's responses to its whole prompt -> (out, lse (Hq, T)).
 
     q (T, Hq, D), k/v (T, Hkv, D) (GQA), cu_seqlens int32 (S+1,) segment bounds that include every boundary of
     `layout`. backend: "auto" (triton on CUDA, sdpa on CPU) or any backend of qlfast.ops.flash_attention.
+    check=False skips the checks that read cu_seqlens on the host (a model checks once per batch, not per layer).
     Differentiable in q, k, v.
     """
     if backend == "auto":
         backend = "sdpa" if q.device.type == "cpu" else "auto"
-    _validate(q, k, v, cu_seqlens, cu_seqlens, check_values=True, backend=backend)
+    _validate(q, k, v, cu_seqlens, cu_seqlens, check_values=check, backend=backend)
     backend = _resolve(backend, q.device)
-    seg = set(int(x) for x in cu_seqlens.tolist())
-    missing = [b for b in layout.boundaries if b not in seg]
-    if missing or layout.boundaries[-1] != q.shape[0]:
-        raise ValueError(f"shared_prefix_attention: every group start, prompt end and group end must be a segment "
-                         f"boundary in cu_seqlens, and the groups must cover the T={q.shape[0]} tokens; missing "
-                         f"{missing[:8]}, groups end at {layout.boundaries[-1]}")
+    if check:
+        check_layout(cu_seqlens, layout, q.shape[0])
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
