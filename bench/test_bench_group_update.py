@@ -6,8 +6,10 @@ fused policy loss over the response rows only; the rows carry time and peak memo
 
 GPU (real sizes): a Qwen2.5-1.5B-shaped model (random bf16 weights, checkpointing + tiled MLP), P = 8K and 16K,
 R = 1K, G = 8. CPU (small sizes): the tiny preset's model at its RL shapes (P = 192, R = 48, G = 8) and P = 512.
-FLOPs counted as in bench/test_bench_model.py, for the tokens each packing actually runs (so the two rows' TFLOP/s
-compare how well each uses the hardware, and their times how much work the sharing saves).
+FLOPs are those each packing actually runs (so the two rows' TFLOP/s compare how well each uses the hardware, and
+their times how much work the sharing saves): 6 x dense parameters x tokens, plus 12 x layers x Hq x D per attended
+(query, key) pair (causal pairs counted once, as in bench/test_bench_model.py): G (P + R)^2 / 2 pairs one by one,
+P^2 / 2 + G (R P + R^2 / 2) shared.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from __future__ import annotations
 import harness
 import pytest
 import torch
-from test_bench_model import SHAPES, step_flops
+from test_bench_model import SHAPES
 
 from qlfast.model import QwenForCausalLM
+from qlfast.model.memory import param_count
 from qlfast.ops import PolicyLossConfig, policy_loss
 from qlfast.trainer.packing import pack
 
@@ -29,6 +32,14 @@ TINY = dict(model_type="qwen2", vocab_size=704, hidden_size=128, intermediate_si
 MODEL = "qwen2.5-1.5b" if REAL else "tiny-preset"
 CFG = SHAPES["qwen2.5-1.5b"] if REAL else TINY
 CASES = [(8192, 1024, 8), (16384, 1024, 8)] if REAL else [(192, 48, 8), (512, 48, 8)]
+
+
+def _flops(tokens: int, p: int, r: int, g: int, shared: bool) -> float:
+    n = param_count(CFG)
+    dense = n["total"] - CFG["vocab_size"] * CFG["hidden_size"] * (0 if CFG["tie_word_embeddings"] else 1)
+    pairs = p * p / 2 + g * (r * p + r * r / 2) if shared else g * (p + r) ** 2 / 2
+    d = CFG["hidden_size"] // CFG["num_attention_heads"]
+    return 6 * dense * tokens + 12 * CFG["num_hidden_layers"] * CFG["num_attention_heads"] * d * pairs
 
 
 def _group(p: int, r: int, g: int):
@@ -73,7 +84,7 @@ def test_group_update(benchmark, provider, p, r, g):
     shape = {"model": MODEL, "prompt": p, "response": r, "group": g, "tokens": b.num_tokens}
     try:
         row = harness.bench(benchmark, "group_update", provider, shape, "fwd+bwd", fn,
-                            flops=step_flops(CFG, b.num_tokens), warmup=1, rep=3)
+                            flops=_flops(b.num_tokens, p, r, g, provider == "shared"), warmup=1, rep=3)
     except torch.cuda.OutOfMemoryError:
         harness.record("group_update", provider, shape, "fwd+bwd",
                        {"median_ms": float("nan"), "min_ms": float("nan"), "reps": 0, "peak_bytes": 0},
