@@ -49,6 +49,10 @@ class ModelConfig:
     """FSDP2-shard parameters, gradients and optimizer state over torchrun's ranks (same metrics as replicated)."""
     optimizer_offload: bool = False
     """With fsdp: keep sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy)."""
+    sp: int = 1
+    """Sequence parallel: groups of sp consecutive ranks split every packed micro-batch's tokens (dp = ranks / sp)."""
+    sp_attention: str = "ring"
+    """Attention across an sp group: ring (zigzag ring attention) or ulysses (all-to-all over heads)."""
 
 
 @dataclass
@@ -121,7 +125,7 @@ class RLConfig:
     mini_batch_size: int = 16
     """Prompts per optimizer step inside one RL step (batch_size / mini_batch_size updates per step)."""
     micro_batch_tokens: int = 8192
-    """Packed tokens per forward/backward micro-batch."""
+    """Packed tokens per forward/backward micro-batch (under --model.sp, before sharding: each sp rank holds 1/sp)."""
     share_prompts: bool = True
     """Pack each group's responses after ONE copy of its prompt (same loss and gradients, the prompt computed once)."""
     lr: float = 3e-4
@@ -352,6 +356,9 @@ def from_args(argv: list[str] | None = None) -> Config:
         cfg.train.resume = True
     if cfg.model.optimizer_offload and not cfg.model.fsdp:
         parser.error("--model.optimizer_offload=true offloads FSDP2's sharded state: it needs --model.fsdp=true")
+    if cfg.model.sp < 1 or cfg.model.sp_attention not in ("ring", "ulysses"):
+        parser.error(f"--model.sp must be >= 1 and --model.sp_attention ring or ulysses, got {cfg.model.sp}, "
+                     f"{cfg.model.sp_attention!r}")
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         raise SystemExit(0)

@@ -8,6 +8,8 @@ QwenLong-L1 (arXiv 2505.17667), top to bottom:
      -> DAPO dynamic sampling and overlong shaping -> GRPO advantages -> clip-higher token-mean policy loss over
      mini-batches -> new weights pushed into the engine in place;
   4. held-out accuracy after SFT and after each phase; checkpoints; runs/<name>/report.png at the end.
+Ranks are data parallel (gradients all-reduced, or FSDP2 with --model.fsdp=true); --model.sp=N trains groups of N
+ranks on the same micro-batches, each rank on 1/N of their tokens (sequence parallel, qlfast/trainer/sp.py).
 Each stage is a call into the module that owns it; this file holds no math.
 """
 
@@ -26,7 +28,7 @@ from qlfast.rl.curriculum import Curriculum, Phase
 from qlfast.rl.retrospective import DifficultyTable, RetrospectiveConfig, RetrospectiveSampler
 from qlfast.rollout.engine import EngineConfig, RolloutEngine
 from qlfast.rollout.weight_sync import wake_and_sync
-from qlfast.trainer import build, checkpoint, dist, optim, rl_step, sft
+from qlfast.trainer import build, checkpoint, dist, optim, rl_step, sft, sp
 from qlfast.trainer.logger import MetricsLogger
 from qlfast.trainer.report import write_report
 
@@ -57,7 +59,7 @@ def heldout_accuracy(engine, tokenizer, ds, reward, env, cfg, max_new_tokens, st
 
 def main(argv: list[str] | None = None) -> None:
     cfg = config_mod.from_args(argv)
-    env = dist.init(cfg.train.device, fsdp=cfg.model.fsdp)
+    env = dist.init(cfg.train.device, fsdp=cfg.model.fsdp, sp=cfg.model.sp, sp_attention=cfg.model.sp_attention)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     phases = [Phase(p.max_prompt_tokens, p.max_response_tokens, steps=p.steps) for p in cfg.rl.phases]
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     logger.write(f"qlfast.train: {env.world} rank(s) on {env.device}; {len(ds.sft)} SFT / {len(ds.train)} RL / "
                  f"{len(ds.heldout)} held-out questions; {ds.bins.report()}" + (f"; skipped {len(ds.skipped)} bad rows"
                                                                if ds.skipped else ""))
+    if note := sp.setup(model, env, cfg.rl.share_prompts):
+        logger.write(note)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))

@@ -115,7 +115,8 @@ def _kl(log_ratio: torch.Tensor, kl_type: str) -> torch.Tensor:
     return (torch.exp(x) - x - 1.0).clamp(max=10.0)
 
 
-def _agg_coef(m: torch.Tensor, cu_seqlens: torch.Tensor | None, cfg: PolicyLossConfig, dtype) -> torch.Tensor:
+def _agg_coef(m: torch.Tensor, cu_seqlens: torch.Tensor | None, cfg: PolicyLossConfig, dtype,
+              seq_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) weights with loss = sum_t coef_t l_t for cfg.loss_agg; zero outside the loss mask. No host sync."""
     mf = m.to(dtype)
     if cfg.loss_agg == "token-mean":
@@ -130,18 +131,19 @@ def _agg_coef(m: torch.Tensor, cu_seqlens: torch.Tensor | None, cfg: PolicyLossC
     else:  # sequences with no loss token (filtered or fully masked) do not count
         denom = (counts > 0).sum().to(dtype).clamp_min(1.0)
     if cfg.loss_agg == "seq-mean-token-mean":
-        # GRPO (DeepSeekMath eq. 3): 1/G sum_i 1/|o_i| sum_t
-        return mf / counts.clamp_min(1.0)[seq_id] / denom
+        # GRPO (DeepSeekMath eq. 3): 1/G sum_i 1/|o_i| sum_t; |o_i| from the caller when o_i's tokens are split
+        o_len = counts[seq_id] if seq_tokens is None else seq_tokens.to(dtype)
+        return mf / o_len.clamp_min(1.0) / denom
     if cfg.loss_agg == "seq-mean-token-sum":
         return mf / denom
     # Dr. GRPO (arXiv 2503.20783): the length normaliser 1/|o_i| is replaced by a constant (the max response length)
     return mf / (denom * cfg.loss_agg_norm)
 
 
-def _epilogue(logp, ent, m, advantages, old_logprob, ref_logprob, rollout_logprob, cu_seqlens, cfg):
+def _epilogue(logp, ent, m, advantages, old_logprob, ref_logprob, rollout_logprob, cu_seqlens, cfg, seq_tokens=None):
     """The O(N) part: per-token terms, aggregation and metrics. Differentiable in logp and ent only."""
     f = logp.dtype
-    coef = _agg_coef(m, cu_seqlens, cfg, f)  # (N,)
+    coef = _agg_coef(m, cu_seqlens, cfg, f, seq_tokens)  # (N,)
     a = torch.where(m, advantages.to(f), 0.0)
     old = old_logprob.to(f) if old_logprob is not None else logp.detach()
     # outside the loss mask old/ref/rollout may hold anything: zero the log-ratios before any exp
@@ -208,7 +210,7 @@ def _check_token_tensor(name, t, n, device, *, floating):
 
 
 def _validate(hidden, weight, targets, advantages, mask, cu_seqlens, old_logprob, ref_logprob, rollout_logprob,
-              cfg):
+              cfg, seq_tokens=None):
     if not isinstance(cfg, PolicyLossConfig):
         raise ValueError(f"policy_loss: config must be a PolicyLossConfig, got {type(cfg).__name__}")
     _validate_fused(hidden, weight, targets, cfg.temperature)
@@ -217,6 +219,7 @@ def _validate(hidden, weight, targets, advantages, mask, cu_seqlens, old_logprob
     _check_token_tensor("mask", mask, n, dev, floating=False)
     for name, t in (("old_logprob", old_logprob), ("ref_logprob", ref_logprob), ("rollout_logprob", rollout_logprob)):
         _check_token_tensor(name, t, n, dev, floating=True)
+    _check_token_tensor("seq_tokens", seq_tokens, n, dev, floating=False)
     if cfg.kl_coef != 0 and ref_logprob is None:
         raise ValueError(f"policy_loss: kl_coef={cfg.kl_coef} needs ref_logprob (N,)")
     if cfg.tis_cap is not None and rollout_logprob is None:
@@ -246,19 +249,21 @@ def _validate(hidden, weight, targets, advantages, mask, cu_seqlens, old_logprob
 
 
 def policy_loss(hidden, weight, targets, advantages, mask, *, cu_seqlens=None, old_logprob=None, ref_logprob=None,
-                rollout_logprob=None, config=PolicyLossConfig(), backend="auto"):
+                rollout_logprob=None, seq_tokens=None, config=PolicyLossConfig(), backend="auto"):
     """GRPO/DAPO clipped policy loss (+ KL, entropy, TIS) from hidden (N, H) and the LM head weight (V, H).
 
     targets (N,) int64 (-100 = no token), advantages (N,) per-token, mask (N,) loss mask (response tokens; nonzero
     = in the loss), cu_seqlens (S+1,) int32 sequence bounds (needed by the seq-* modes), old/ref/rollout_logprob
     (N,) log-probs of the targets under the behaviour, reference and rollout-engine policies (at the same
-    temperature). Returns (loss 0-dim fp32, or fp64 for fp64 inputs; metrics: dict of fp32 0-dim tensors, see
+    temperature). seq_tokens (N,) integer: the loss tokens of each token's WHOLE sequence, for seq-mean-token-mean
+    when a sequence's tokens are split across calls (sequence parallel); default: counted within cu_seqlens.
+    Returns (loss 0-dim fp32, or fp64 for fp64 inputs; metrics: dict of fp32 0-dim tensors, see
     METRIC_REDUCE for how to all-reduce them). A mask with no tokens gives loss 0 and zero gradients.
     backend: "auto" | "triton" | "cuda" | "torch" (the fused linear log-prob kernels underneath).
     """
     cfg = config
     m = _validate(hidden, weight, targets, advantages, mask, cu_seqlens, old_logprob, ref_logprob, rollout_logprob,
-                  cfg)
+                  cfg, seq_tokens)
     backend = _dispatch.resolve(backend, hidden.device, cuda_op="linear_logprob_fwd", op="policy_loss")
     with_entropy = cfg.entropy_coef != 0 or cfg.entropy_metric
     # tokens outside the loss get the ignore index: logp = entropy = 0 there and the backward skips them
@@ -273,4 +278,4 @@ def policy_loss(hidden, weight, targets, advantages, mask, *, cu_seqlens=None, o
         # so its backward skips that term
         logp, ent, _ = _LinearLogprob.apply(hidden.contiguous(), weight.contiguous(), tgt,
                                             1.0 / float(cfg.temperature), with_entropy, backend)
-    return _epilogue(logp, ent, m, advantages, old_logprob, ref_logprob, rollout_logprob, cu_seqlens, cfg)
+    return _epilogue(logp, ent, m, advantages, old_logprob, ref_logprob, rollout_logprob, cu_seqlens, cfg, seq_tokens)

@@ -1,5 +1,6 @@
-"""torch.distributed for the trainer: process group from torchrun's environment (gloo on CPU, NCCL on GPU), and the
-few collectives the loop needs. A plain `python -m qlfast.train` runs as a world of one."""
+"""torch.distributed for the trainer: process group from torchrun's environment (gloo on CPU, NCCL on GPU), the
+sequence-parallel groups (`--model.sp`, see qlfast/trainer/sp.py), and the few collectives the loop needs. A plain
+`python -m qlfast.train` runs as a world of one."""
 
 from __future__ import annotations
 
@@ -19,6 +20,17 @@ class Env:
     fsdp: bool = False
     """The policy is FSDP2-sharded: FSDP reduces the gradients, and every rank runs the same number of forward and
     backward passes (its all-gathers are collectives)."""
+    sp: int = 1
+    """Sequence-parallel degree: groups of sp consecutive ranks share every micro-batch, each holding 1/sp of its
+    tokens (dp = world / sp groups)."""
+    sp_attention: str = "ring"
+    """Attention across an sp group: "ring" (zigzag ring attention) or "ulysses" (all-to-all over heads)."""
+    sp_group: object = None
+    """This rank's sp group (a ProcessGroup; None when sp == 1)."""
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp
 
     @property
     def loss_scale(self) -> float:
@@ -30,8 +42,8 @@ class Env:
         return self.rank == 0
 
 
-def init(device_pref: str = "auto", *, fsdp: bool = False) -> Env:
-    """The process group (when there is more than one rank, or with fsdp) and this rank's device."""
+def init(device_pref: str = "auto", *, fsdp: bool = False, sp: int = 1, sp_attention: str = "ring") -> Env:
+    """The process group (when there is more than one rank, or with fsdp), the sp groups, and this rank's device."""
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise SystemExit("qlfast.train: --train.device=cuda but no CUDA GPU is visible")
@@ -40,13 +52,21 @@ def init(device_pref: str = "auto", *, fsdp: bool = False) -> Env:
                          "`torchrun --standalone --nproc_per_node=N -m qlfast.train ...`")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if sp < 1 or world % sp:
+        raise SystemExit(f"qlfast.train: --model.sp={sp} must divide the number of ranks ({world}): sp groups are sp "
+                         "consecutive ranks")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if (world > 1 or fsdp) and not dist.is_initialized():
         # CUDA tensors go over NCCL; the small CPU tensors and objects of the bookkeeping collectives over gloo
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Env(rank, world, local_rank, device, fsdp=fsdp)
+    sp_group = None
+    for start in range(0, world, sp) if sp > 1 else ():
+        group = dist.new_group(list(range(start, start + sp)))  # collective: every rank creates every group
+        if start <= rank < start + sp:
+            sp_group = group
+    return Env(rank, world, local_rank, device, fsdp=fsdp, sp=sp, sp_attention=sp_attention, sp_group=sp_group)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -60,11 +80,12 @@ def sum_floats(*values: float, device=None) -> list[float]:
     return all_reduce_sum(t).tolist()
 
 
-def all_gather_objects(obj) -> list:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's `obj` (of `group`, default the world), in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -99,7 +120,8 @@ def shard_model(model: torch.nn.Module, env: Env, *, cpu_offload: bool = False) 
 
 
 def all_reduce_grads(model: torch.nn.Module, env: Env | None = None) -> None:
-    """Sum gradients over ranks (losses are normalised by global token counts, so the sum is the batch gradient).
+    """Sum gradients over ranks (losses are normalised by global token counts, so the sum is the batch gradient; under
+    sp a rank's loss holds only its tokens' rows, and the sum over ALL ranks is again the batch gradient).
 
     One flat buffer: one collective instead of one per parameter. A no-op under FSDP2, which reduce-scatters the
     gradients itself during backward."""

@@ -34,6 +34,9 @@ class PackedBatch:
     advantages: torch.Tensor  # (N,) float32 each response's advantage on its rows
     rollout_logprob: torch.Tensor | None  # (N,) float32 the engine's log-prob of each response token
     seq_index: list[int]  # which input sequences this batch holds, in order
+    # (N,) int64 loss rows of each row's WHOLE response, set when sequence parallel splits a response's rows across
+    # ranks (qlfast/trainer/sp.py); None: cu_rows bounds whole responses
+    seq_tokens: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -44,7 +47,7 @@ class PackedBatch:
         return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens),
                            self.prefix.to(device) if self.prefix is not None else None, move(self.rows),
                            move(self.targets), move(self.cu_rows), move(self.advantages), move(self.rollout_logprob),
-                           self.seq_index)
+                           self.seq_index, move(self.seq_tokens))
 
 
 def _same(a, b) -> bool:

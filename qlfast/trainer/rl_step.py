@@ -2,7 +2,9 @@
 advantages) and the policy update over mini-batches with the fused policy loss.
 
 Prompts of a global batch are dealt to ranks round-robin; every rank generates its share on its own colocated engine.
-Decisions that must agree across ranks (how many generation rounds, the difficulty table) use collectives.
+Decisions that must agree across ranks (how many generation rounds, the difficulty table) use collectives. Under
+sequence parallel (qlfast/trainer/sp.py) an sp group trains on the union of its ranks' groups, each rank on 1/sp of
+every micro-batch's tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from qlfast.ops.policy_loss import METRIC_REDUCE, PolicyLossConfig, policy_loss
 from qlfast.rl.advantages import group_advantages
 from qlfast.rl.overlong import apply_overlong_shaping
 from qlfast.rollout.engine import SamplingConfig
-from qlfast.trainer import dist
+from qlfast.trainer import dist, sp
 from qlfast.trainer.optim import clip_and_step
 from qlfast.trainer.packing import empty_batch, pack, split_by_tokens
 
@@ -95,24 +97,26 @@ def _sequences(groups: list[Group]):
 
 def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, mini_batches: int,
                   max_response_tokens: int, backend: str = "auto") -> dict:
-    """Mini-batch policy-gradient updates over this rank's groups. Returns reduced metrics and whether every
-    optimizer step had finite gradients."""
+    """Mini-batch policy-gradient updates over this rank's groups (its sp group's, under sp). Returns reduced metrics
+    and whether every optimizer step had finite gradients."""
     (n_global,) = dist.sum_floats(sum(len(g.responses) for g in groups))
     if n_global == 0:  # every group was dropped (no reward variance anywhere): nothing to learn from
         return {"finite": True, "skipped_update": 1.0}
     loss_cfg = dict(clip_low=rl.clip_low, clip_high=rl.clip_high, loss_agg=rl.loss_agg, kl_coef=0.0,
                     entropy_coef=rl.entropy_coef, temperature=rl.temperature, tis_cap=rl.tis_cap)
-    # split this rank's groups into mini-batches (by group, so a group's sequences update together)
+    # split this rank's groups into mini-batches (by group, so a group's sequences update together); under sp,
+    # mini-batch k is the union of the sp ranks' k-th chunks: the same mini-batches as data parallel
     chunks = [groups[k::mini_batches] for k in range(mini_batches)]
+    share = rl.share_prompts and env.sp == 1  # prompt-shared packing has no sequence-parallel attention yet
     plans = []
     for chunk in chunks:
-        prompts, responses, adv, lps = _sequences(chunk)
-        share = rl.share_prompts
+        _, responses, _, _ = _sequences(chunk)
+        n_tok, n_seq = sum(len(r) for r in responses), len(responses)  # this rank's own: once over all ranks
+        prompts, responses, adv, lps = _sequences(sp.union(chunk, env))
         micro = [pack(prompts, responses, advantages=adv, rollout_logprobs=lps, indices=idx, share_prompts=share)
                  for idx in split_by_tokens(prompts, responses, rl.micro_batch_tokens, share_prompts=share)]
         if env.fsdp:  # the same number of passes on every rank
             micro += [empty_batch()] * (dist.max_int(len(micro)) - len(micro))
-        n_tok, n_seq = sum(len(r) for r in responses), len(responses)
         plans.append((micro, n_tok, n_seq))
     # behaviour-policy log-probs before the first update (needed only when one step makes several updates)
     old = None
@@ -124,10 +128,10 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
             for micro, _, _ in plans:
                 old.append([])
                 for b in micro:
-                    b = b.to(env.device)
-                    h = model(b.input_ids, b.position_ids, b.cu_seqlens, prefix=b.prefix).index_select(0, b.rows)
-                    old[-1].append(linear_logprob(h, model.lm_head_weight, b.targets, temperature=rl.temperature,
-                                                  backend=backend))
+                    with sp.sharded(model, b, env) as b:
+                        h = model(b.input_ids, b.position_ids, b.cu_seqlens, prefix=b.prefix).index_select(0, b.rows)
+                        old[-1].append(linear_logprob(h, model.lm_head_weight, b.targets,
+                                                      temperature=rl.temperature, backend=backend))
     sums: dict[str, float] = {}
     ratio_max = 0.0
     norms, all_ok = [], True
@@ -137,14 +141,15 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
         cfg = PolicyLossConfig(**loss_cfg, global_tokens=max(g_tok, 1.0), global_seqs=max(g_seq, 1.0),
                                loss_agg_norm=float(max_response_tokens))
         for j, b in enumerate(micro):
-            b = b.to(env.device)
-            # only the rows that predict response tokens go through the LM head
-            hidden = model(b.input_ids, b.position_ids, b.cu_seqlens, prefix=b.prefix).index_select(0, b.rows)
-            loss, m = policy_loss(hidden, model.lm_head_weight, b.targets, b.advantages,
-                                  torch.ones_like(b.advantages), cu_seqlens=b.cu_rows,
-                                  old_logprob=None if old is None else old[k][j],
-                                  rollout_logprob=b.rollout_logprob, config=cfg, backend=backend)
-            (loss * env.loss_scale).backward()
+            with sp.sharded(model, b, env) as b:
+                # only the rows that predict response tokens go through the LM head
+                hidden = model(b.input_ids, b.position_ids, b.cu_seqlens, prefix=b.prefix).index_select(0, b.rows)
+                loss, m = policy_loss(hidden, model.lm_head_weight, b.targets, b.advantages,
+                                      torch.ones_like(b.advantages), cu_seqlens=b.cu_rows,
+                                      old_logprob=None if old is None else old[k][j],
+                                      rollout_logprob=b.rollout_logprob, seq_tokens=b.seq_tokens, config=cfg,
+                                      backend=backend)
+                (loss * env.loss_scale).backward()
             for name, v in m.items():
                 if METRIC_REDUCE.get(name) == "sum":
                     sums[name] = sums.get(name, 0.0) + float(v) / mini_batches

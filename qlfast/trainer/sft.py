@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from qlfast.ops.linear_logprob import linear_logprob
-from qlfast.trainer import dist
+from qlfast.trainer import dist, sp
 from qlfast.trainer.optim import clip_and_step
 from qlfast.trainer.packing import empty_batch, pack, split_by_tokens
 
@@ -32,9 +32,9 @@ def step_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list
 
 def sft_step(model, optimizer, scheduler, prompts, responses, indices, env, *, micro_tokens: int, max_grad_norm: float,
              backend: str = "auto") -> dict:
-    local = indices[env.rank::env.world]
-    n_tok = sum(len(responses[i]) for i in local)
-    (global_tokens,) = dist.sum_floats(n_tok)
+    own = indices[env.rank::env.world]
+    (global_tokens,) = dist.sum_floats(sum(len(responses[i]) for i in own))  # each rank its own: once over ranks
+    local = sp.union(own, env)  # under sequence parallel, the sp group's examples (each rank 1/sp of their tokens)
     loss_sum = 0.0
     local_prompts, local_responses = [prompts[i] for i in local], [responses[i] for i in local]
     batches = [pack(prompts, responses, indices=[local[j] for j in group])
@@ -42,11 +42,11 @@ def sft_step(model, optimizer, scheduler, prompts, responses, indices, env, *, m
     if env.fsdp:  # the same number of passes on every rank
         batches += [empty_batch()] * (dist.max_int(len(batches)) - len(batches))
     for b in batches:
-        b = b.to(env.device)
-        hidden = model(b.input_ids, b.position_ids, b.cu_seqlens).index_select(0, b.rows)
-        logp = linear_logprob(hidden, model.lm_head_weight, b.targets, backend=backend)
-        loss = -logp.sum() / max(global_tokens, 1.0)
-        (loss * env.loss_scale).backward()
+        with sp.sharded(model, b, env) as b:
+            hidden = model(b.input_ids, b.position_ids, b.cu_seqlens).index_select(0, b.rows)
+            logp = linear_logprob(hidden, model.lm_head_weight, b.targets, backend=backend)
+            loss = -logp.sum() / max(global_tokens, 1.0)
+            (loss * env.loss_scale).backward()
         loss_sum += float(loss.detach())
     dist.all_reduce_grads(model, env)
     norm, ok = clip_and_step(model, optimizer, scheduler, max_grad_norm)
