@@ -238,6 +238,7 @@ def test_policy_update_same_with_and_without_shared_prompts(mini_batches):
         results[share] = (m, {n: p.detach().clone() for n, p in model.named_parameters()})
     (m0, p0), (m1, p1) = results[False], results[True]
     assert m0["finite"] and m1["finite"]
+    assert m0["num_tokens"] == 3 * (4 + 11 + 1 + 6)  # the step's response tokens, whatever the mini-batches
     for key in ("policy_loss", "grad_norm", "num_tokens", "clip_frac_high"):
         assert m1[key] == pytest.approx(m0[key], rel=1e-6, abs=1e-9), key
     start = base.state_dict()

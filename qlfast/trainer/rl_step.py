@@ -151,7 +151,9 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
                                       backend=backend)
                 (loss * env.loss_scale).backward()
             for name, v in m.items():
-                if METRIC_REDUCE.get(name) == "sum":
+                if name == "num_tokens":  # a count: the step's total
+                    sums[name] = sums.get(name, 0.0) + float(v)
+                elif METRIC_REDUCE.get(name) == "sum":  # normalised per mini-batch: the mean over mini-batches
                     sums[name] = sums.get(name, 0.0) + float(v) / mini_batches
                 elif name == "ratio_max":
                     ratio_max = max(ratio_max, float(v))
