@@ -52,7 +52,10 @@ class ModelConfig:
     sp: int = 1
     """Sequence parallel: groups of sp consecutive ranks split every packed micro-batch's tokens (dp = ranks / sp)."""
     sp_attention: str = "ring"
-    """Attention across an sp group: ring (zigzag ring attention) or ulysses (all-to-all over heads)."""
+    """Attention across an sp group: ring (zigzag ring attention), ulysses (all-to-all over heads), or hybrid
+    (Ulysses inside groups of sp_ulysses ranks, ring across them)."""
+    sp_ulysses: int = 0
+    """With sp_attention=hybrid: ranks per Ulysses group (the GPUs of a node); it must divide sp."""
 
 
 @dataclass
@@ -356,9 +359,13 @@ def from_args(argv: list[str] | None = None) -> Config:
         cfg.train.resume = True
     if cfg.model.optimizer_offload and not cfg.model.fsdp:
         parser.error("--model.optimizer_offload=true offloads FSDP2's sharded state: it needs --model.fsdp=true")
-    if cfg.model.sp < 1 or cfg.model.sp_attention not in ("ring", "ulysses"):
-        parser.error(f"--model.sp must be >= 1 and --model.sp_attention ring or ulysses, got {cfg.model.sp}, "
+    if cfg.model.sp < 1 or cfg.model.sp_attention not in ("ring", "ulysses", "hybrid"):
+        parser.error(f"--model.sp must be >= 1 and --model.sp_attention ring, ulysses or hybrid, got {cfg.model.sp}, "
                      f"{cfg.model.sp_attention!r}")
+    u = cfg.model.sp_ulysses
+    if cfg.model.sp_attention == "hybrid" and not (u >= 1 and cfg.model.sp % u == 0):
+        parser.error(f"--model.sp_attention=hybrid needs --model.sp_ulysses=U dividing --model.sp={cfg.model.sp} "
+                     f"(Ulysses inside groups of U ranks, ring across sp/U groups), got {cfg.model.sp_ulysses}")
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         raise SystemExit(0)

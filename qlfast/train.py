@@ -59,7 +59,8 @@ def heldout_accuracy(engine, tokenizer, ds, reward, env, cfg, max_new_tokens, st
 
 def main(argv: list[str] | None = None) -> None:
     cfg = config_mod.from_args(argv)
-    env = dist.init(cfg.train.device, fsdp=cfg.model.fsdp, sp=cfg.model.sp, sp_attention=cfg.model.sp_attention)
+    env = dist.init(cfg.train.device, fsdp=cfg.model.fsdp, sp=cfg.model.sp, sp_attention=cfg.model.sp_attention,
+                    sp_ulysses=cfg.model.sp_ulysses)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     phases = [Phase(p.max_prompt_tokens, p.max_response_tokens, steps=p.steps) for p in cfg.rl.phases]

@@ -26,6 +26,8 @@ def test_overrides_parse_by_declared_type():
     ("--model.checkpointing=maybe", "expected bool"),
     ("--rl.phases=100:10", "max_prompt:max_response:steps"),
     ("--rl.lr", "overrides are --section.key=value"),
+    ("--model.sp_attention=hybrid", "needs --model.sp_ulysses=U dividing"),
+    ("--model.sp_attention=zigzag", "ring, ulysses or hybrid"),
 ])
 def test_bad_overrides_name_the_problem(arg, msg, capsys):
     with pytest.raises(SystemExit):

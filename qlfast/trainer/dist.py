@@ -27,6 +27,10 @@ class Env:
     """Attention across an sp group: "ring" (zigzag ring attention) or "ulysses" (all-to-all over heads)."""
     sp_group: object = None
     """This rank's sp group (a ProcessGroup; None when sp == 1)."""
+    sp_ulysses: int = 1
+    """With sp_attention "hybrid": ranks per Ulysses group (the ring joins sp / sp_ulysses of them)."""
+    hybrid_groups: tuple | None = None
+    """With sp_attention "hybrid": (Ulysses group, ring group) of this rank."""
 
     @property
     def sp_rank(self) -> int:
@@ -42,7 +46,8 @@ class Env:
         return self.rank == 0
 
 
-def init(device_pref: str = "auto", *, fsdp: bool = False, sp: int = 1, sp_attention: str = "ring") -> Env:
+def init(device_pref: str = "auto", *, fsdp: bool = False, sp: int = 1, sp_attention: str = "ring",
+         sp_ulysses: int = 1) -> Env:
     """The process group (when there is more than one rank, or with fsdp), the sp groups, and this rank's device."""
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
     if device_pref == "cuda" and not torch.cuda.is_available():
@@ -66,7 +71,13 @@ def init(device_pref: str = "auto", *, fsdp: bool = False, sp: int = 1, sp_atten
         group = dist.new_group(list(range(start, start + sp)))  # collective: every rank creates every group
         if start <= rank < start + sp:
             sp_group = group
-    return Env(rank, world, local_rank, device, fsdp=fsdp, sp=sp, sp_attention=sp_attention, sp_group=sp_group)
+    hybrid = None
+    if sp > 1 and sp_attention == "hybrid":
+        from qlfast.parallel import hybrid_groups
+
+        hybrid = hybrid_groups(sp_ulysses, sp)  # collective, like the sp groups
+    return Env(rank, world, local_rank, device, fsdp=fsdp, sp=sp, sp_attention=sp_attention, sp_group=sp_group,
+               sp_ulysses=sp_ulysses if sp_attention == "hybrid" else 1, hybrid_groups=hybrid)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Sequence parallelism in the trainer (`--model.sp=N`, `--model.sp_attention=ring|ulysses`).
+"""Sequence parallelism in the trainer (`--model.sp=N`, `--model.sp_attention=ring|ulysses|hybrid`).
 
 Ranks form groups of N consecutive ranks (dp = world / N groups). Rollouts stay per rank; for an update, a group
 all-gathers its ranks' shares (`union`), so its N ranks pack the same micro-batches in the same order, and each runs
@@ -16,7 +16,8 @@ that holds its token (`local_rows`), so each row is counted once per group: the 
 with the global normaliser, and losses, summed metrics and gradients add up over ranks exactly as under dp. The
 gradient of a token's keys and values reaches the rank that holds it through the attention's backward.
 
-Plans (qlfast/parallel/sharding.py): zigzag for ring attention, contiguous for Ulysses. Prompt-shared packing has no
+Plans (qlfast/parallel/sharding.py, hybrid.py): zigzag for ring attention, contiguous for Ulysses, hybrid_plan for
+Ulysses inside groups of sp_ulysses ranks and ring across them. Prompt-shared packing has no
 sequence-parallel attention yet, so under sp every sequence is packed with its own prompt. With --model.fsdp=true the
 policy is sharded over the flat world (sp ranks included); FSDP2's average times Env.loss_scale is the same sum.
 
@@ -35,6 +36,8 @@ from qlfast.parallel import (
     ShardPlan,
     check_ulysses_heads,
     contiguous_plan,
+    hybrid_attention,
+    hybrid_plan,
     ring_attention,
     shard,
     ulysses_attention,
@@ -48,11 +51,14 @@ def setup(model, env, share_prompts: bool) -> str | None:
     """Check that the model fits the sp attention; -> the line to log once (None when sp == 1)."""
     if env.sp == 1:
         return None
-    if env.sp_attention == "ulysses":
+    if env.sp_attention in ("ulysses", "hybrid"):  # the heads are split over the (inner) Ulysses group
         cfg = model.config
-        check_ulysses_heads(cfg.num_attention_heads, cfg.num_key_value_heads, env.sp)
+        check_ulysses_heads(cfg.num_attention_heads, cfg.num_key_value_heads,
+                            env.sp if env.sp_attention == "ulysses" else env.sp_ulysses)
     note = "; prompt-shared packing is off under sp (each sequence packed with its own prompt)" if share_prompts else ""
-    return f"sequence parallel: sp={env.sp} ({env.sp_attention} attention) x dp={env.world // env.sp}{note}"
+    how = (f"hybrid attention: Ulysses over {env.sp_ulysses} x ring over {env.sp // env.sp_ulysses}"
+           if env.sp_attention == "hybrid" else f"{env.sp_attention} attention")
+    return f"sequence parallel: sp={env.sp} ({how}) x dp={env.world // env.sp}{note}"
 
 
 def union(items: list, env) -> list:
@@ -97,6 +103,9 @@ def _attention_fn(plan: ShardPlan, env, backend: str):
     # the model's backend, which flash_attention takes too ("sdpa": ATen's CPU flash kernel, any head dim, with LSE)
     if env.sp_attention == "ring":  # the model passes the plan's local packing (the batch's cu_seqlens)
         return functools.partial(ring_attention, group=env.sp_group, backend=backend, check=False)
+    if env.sp_attention == "hybrid":  # the batch's cu_seqlens: the Ulysses group's packing (hybrid_plan)
+        uly, ring = env.hybrid_groups
+        return functools.partial(hybrid_attention, ulysses_group=uly, ring_group=ring, backend=backend, check=False)
     cu = plan.cu_seqlens.to(env.device)  # Ulysses attends over the global (padded) packing after its all-to-all
     return lambda q, k, v, _cu, _max: ulysses_attention(q, k, v, cu, plan.max_seqlen, group=env.sp_group,
                                                         backend=backend, check=False)
@@ -112,8 +121,11 @@ def sharded(model, b: PackedBatch, env):
         return
     if b.prefix is not None:
         raise ValueError("sequence parallel: prompt-shared packing (prefix) has no sp attention; pack one by one")
-    make_plan = zigzag_plan if env.sp_attention == "ring" else contiguous_plan
-    plan = make_plan(b.cu_seqlens, env.sp, env.sp_rank, group=env.sp_group)
+    if env.sp_attention == "hybrid":
+        plan = hybrid_plan(b.cu_seqlens, env.sp_ulysses, env.sp // env.sp_ulysses, env.sp_rank, group=env.sp_group)
+    else:
+        make_plan = zigzag_plan if env.sp_attention == "ring" else contiguous_plan
+        plan = make_plan(b.cu_seqlens, env.sp, env.sp_rank, group=env.sp_group)
     model.set_options(attention_fn=_attention_fn(plan, env, model.options.attn_backend))
     try:
         yield shard_batch(b, plan).to(env.device)

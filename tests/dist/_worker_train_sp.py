@@ -9,6 +9,7 @@ one. SGD with lr 1 makes the weight change the (clipped) gradient itself.
 
     torchrun --standalone --nproc_per_node=2 tests/dist/_worker_train_sp.py
     torchrun --standalone --nproc_per_node=4 tests/dist/_worker_train_sp.py [2|4]    # sp=2 x dp=2 (or sp=4)
+    torchrun --standalone --nproc_per_node=4 tests/dist/_worker_train_sp.py 4 hybrid  # sp=4: Ulysses 2 x ring 2
 """
 
 import sys
@@ -30,13 +31,16 @@ CFG = {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 128, "intermedia
 SP = int(sys.argv[1]) if len(sys.argv) > 1 else 2
 # name -> (sp, attention, fsdp); "replicated" is the reference
 RUNS = {"replicated": (1, "ring", False), "sp2 ring": (SP, "ring", False), "sp2 ulysses": (SP, "ulysses", False),
-        "sp2 ring fsdp": (SP, "ring", True)}
+        "sp2 ring fsdp": (SP, "ring", True), "sp2 hybrid": (SP, "hybrid", False)}
 # (update, loss_agg, runs): every sp variant on the default loss; the other modes' sequence normalisers (GRPO's needs
 # whole-response lengths on split responses) on ring, also with FSDP2; SFT's plain ring run is test_train_e2e's
-CASES = [("rl", "token-mean", list(RUNS)),
+CASES = [("rl", "token-mean", [name for name in RUNS if name != "sp2 hybrid"]),
          ("rl", "seq-mean-token-mean", ["replicated", "sp2 ring", "sp2 ring fsdp"]),
          ("rl", "seq-mean-token-sum-norm", ["replicated", "sp2 ring"]),
          ("sft", None, ["replicated", "sp2 ulysses", "sp2 ring fsdp"])]
+if sys.argv[2:] == ["hybrid"]:  # Ulysses inside pairs of ranks, ring across the pairs (needs sp=4)
+    CASES = [(what, agg, ["replicated", "sp2 hybrid"])
+             for what, agg in (("rl", "token-mean"), ("rl", "seq-mean-token-mean"), ("sft", None))]
 
 
 def _groups(rank: int) -> list[Group]:
@@ -55,7 +59,7 @@ def _groups(rank: int) -> list[Group]:
 
 def _model(env, fsdp: bool):
     model = QwenForCausalLM.from_config(CFG, ModelOptions(attn_backend="sdpa", checkpoint=True), seed=0,
-                                    dtype=torch.float64)
+                                        dtype=torch.float64)
     if fsdp:
         tdist.shard_model(model, env)
     return model
@@ -91,7 +95,7 @@ def main():
     for what, loss_agg, runs in CASES:
         for name in runs:
             sp, attention, fsdp = RUNS[name]
-            env = tdist.init("cpu", fsdp=fsdp, sp=sp, sp_attention=attention)
+            env = tdist.init("cpu", fsdp=fsdp, sp=sp, sp_attention=attention, sp_ulysses=2)
             m, delta = _update(env, fsdp, what, loss_agg)
             tag = f"{what} {loss_agg or ''} {name.replace('sp2', f'sp{SP}')} x dp{env.world // sp}"
             if sp == 1:
