@@ -93,13 +93,15 @@ def _validate(q, k, v, cu, w, check, group):
 
 
 def ulysses_attention(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causal=True, softmax_scale=None,
-                      backend="auto", check=True):
+                      backend="auto", check=True, prefix=None):
     """Ulysses attention over `group` (default: the world), differentiable in q, k, v -> out (T/W, Hq, D).
 
     q (T/W, Hq, D), k and v (T/W, Hkv, D): this rank's contiguous shard (sharding.contiguous_plan) of a packed
     batch of T tokens; cu_seqlens int32 (S+1,) and max_seqlen: the GLOBAL packing (the plan's cu_seqlens and
     max_seqlen). Hq must be divisible by W; W must divide Hkv or Hkv divide W. backend selects the single-device
     attention. check=True validates cu_seqlens and compares it across ranks (one host sync, a tiny all_gather).
+    prefix: a qlfast.ops.SharedPrefix over the global packing (prompt-shared GRPO groups): after the all-to-all every
+    rank holds all tokens of its heads, so the shared-prompt attention runs there unchanged (causal only).
     """
     if not dist.is_initialized():
         raise ValueError("ulysses_attention: torch.distributed is not initialised (launch with torchrun)")
@@ -114,6 +116,16 @@ def ulysses_attention(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causa
     qkv = torch.cat([q.reshape(t, w, hq_l, d), k.reshape(t, w, hk_l, d), v.reshape(t, w, hk_l, d)], dim=2)
     qkv = _SeqToHead.apply(qkv, group)  # (T, hq_l + 2 hk_l, D)
     qh, kh, vh = qkv.split([hq_l, hk_l, hk_l], dim=1)
-    out, _ = flash_attention(qh, kh, vh, cu_seqlens, max_seqlen=max_seqlen, causal=causal,
-                             softmax_scale=softmax_scale, backend=backend)  # (T, hq_l, D)
+    if prefix is not None:
+        if not causal:
+            raise ValueError("ulysses_attention: prefix (shared-prompt attention) is causal; got causal=False")
+        from qlfast.ops.shared_prefix import check_layout, shared_prefix_attention
+
+        if check:
+            check_layout(cu_seqlens, prefix, qh.shape[0])
+        out, _ = shared_prefix_attention(qh, kh, vh, cu_seqlens, prefix, max_seqlen=max_seqlen,
+                                         softmax_scale=softmax_scale, backend=backend, check=False)
+    else:
+        out, _ = flash_attention(qh, kh, vh, cu_seqlens, max_seqlen=max_seqlen, causal=causal,
+                                 softmax_scale=softmax_scale, backend=backend)  # (T, hq_l, D)
     return _HeadToSeq.apply(out, group, w).reshape(t, hq, d)

@@ -107,7 +107,7 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
     # split this rank's groups into mini-batches (by group, so a group's sequences update together); under sp,
     # mini-batch k is the union of the sp ranks' k-th chunks: the same mini-batches as data parallel
     chunks = [groups[k::mini_batches] for k in range(mini_batches)]
-    share = rl.share_prompts and env.sp == 1  # prompt-shared packing has no sequence-parallel attention yet
+    share = rl.share_prompts and sp.shares_prompts(env)  # alone or under Ulysses (qlfast/trainer/sp.py)
     plans = []
     for chunk in chunks:
         _, responses, _, _ = _sequences(chunk)

@@ -4,7 +4,8 @@ policy update (two mini-batches, so the behaviour log-probs pass runs too) and S
 loss_agg modes whose normalisers sp must get right.
 
 Each rank holds its own groups (rank 0 three, rank 1 two: uneven shares), as after its rollouts; the replicated run
-trains each rank on its own with prompt-shared packing, the sp runs train both ranks on the union, packed one by
+trains each rank on its own with prompt-shared packing, the sp runs train both ranks on the union: under Ulysses
+also prompt-shared (checked by counting the shared-prompt attention calls), under ring and hybrid packed one by
 one. SGD with lr 1 makes the weight change the (clipped) gradient itself.
 
     torchrun --standalone --nproc_per_node=2 tests/dist/_worker_train_sp.py
@@ -35,7 +36,7 @@ RUNS = {"replicated": (1, "ring", False), "sp2 ring": (SP, "ring", False), "sp2 
 # (update, loss_agg, runs): every sp variant on the default loss; the other modes' sequence normalisers (GRPO's needs
 # whole-response lengths on split responses) on ring, also with FSDP2; SFT's plain ring run is test_train_e2e's
 CASES = [("rl", "token-mean", [name for name in RUNS if name != "sp2 hybrid"]),
-         ("rl", "seq-mean-token-mean", ["replicated", "sp2 ring", "sp2 ring fsdp"]),
+         ("rl", "seq-mean-token-mean", ["replicated", "sp2 ring", "sp2 ulysses", "sp2 ring fsdp"]),
          ("rl", "seq-mean-token-sum-norm", ["replicated", "sp2 ring"]),
          ("sft", None, ["replicated", "sp2 ulysses", "sp2 ring fsdp"])]
 if sys.argv[2:] == ["hybrid"]:  # Ulysses inside pairs of ranks, ring across the pairs (needs sp=4)
@@ -90,13 +91,31 @@ def _update(env, fsdp: bool, what: str, loss_agg: str):
     return m, {k: after[k] - before[k] for k in before}
 
 
+def _count_shared_prefix_calls() -> list:
+    """Count calls of the shared-prompt attention (Ulysses runs RL groups packed with one copy of each prompt)."""
+    import qlfast.ops.shared_prefix as sp_mod
+
+    calls, original = [], sp_mod.shared_prefix_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    sp_mod.shared_prefix_attention = counted
+    return calls
+
+
 def main():
     ref = None
+    shared_calls = _count_shared_prefix_calls()
     for what, loss_agg, runs in CASES:
         for name in runs:
             sp, attention, fsdp = RUNS[name]
             env = tdist.init("cpu", fsdp=fsdp, sp=sp, sp_attention=attention, sp_ulysses=2)
+            shared_calls.clear()
             m, delta = _update(env, fsdp, what, loss_agg)
+            # RL under Ulysses packs each group with one copy of its prompt; ring and hybrid pack one by one
+            assert bool(shared_calls) == (what == "rl" and attention == "ulysses" and sp > 1), (name, len(shared_calls))
             tag = f"{what} {loss_agg or ''} {name.replace('sp2', f'sp{SP}')} x dp{env.world // sp}"
             if sp == 1:
                 ref = (m, delta)

@@ -13,7 +13,7 @@ from qlfast.testing import run_torchrun
 @pytest.mark.dist
 def test_sp2_update_steps_match_replicated():
     out = run_torchrun(str(Path(__file__).with_name("_worker_train_sp.py")), nproc=2, timeout=300)
-    assert out.count("OK ") == 8, out[-4000:]
+    assert out.count("OK ") == 9, out[-4000:]
 
 
 @pytest.mark.dist
