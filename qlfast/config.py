@@ -260,12 +260,15 @@ def tiny() -> Config:
 def qwenlong_l1_32b() -> Config:
     """The public QwenLong-L1-32B recipe's values: 20K then 60K input, 10K response, n=8, batch 128, mini-batch 32."""
     return Config(
+        # FSDP2 over the node's 8 GPUs; Ulysses over all 8 (40 query / 8 kv heads), which also keeps the prompt-shared
+        # packing: a 60K prompt + 8 x 10K responses is one 140K-token micro-batch, 17.5K tokens per GPU
         model=ModelConfig(path="DeepSeek-R1-Distill-Qwen-32B", dtype="bfloat16", checkpointing=True,
-                          offload_checkpoints=True, tiled_mlp=True, max_position_embeddings=131072),
+                          offload_checkpoints=True, tiled_mlp=True, max_position_embeddings=131072, fsdp=True, sp=8,
+                          sp_attention="ulysses"),
         data=DataConfig(train_files="DocQA-RL-1.6K.parquet", synthetic_doc_tokens=""),
         sft=SFTConfig(steps=0),
         rl=RLConfig(phases=(Phase(20480, 10240, 0), Phase(61440, 10240, 0)), batch_size=128, group_size=8,
-                    mini_batch_size=32, micro_batch_tokens=65536, lr=2e-6, temperature=0.7, top_p=0.95,
+                    mini_batch_size=32, micro_batch_tokens=147456, lr=2e-6, temperature=0.7, top_p=0.95,
                     overlong_window=1000, max_gen_rounds=10, kl_coef=0.0),
         rollout=RolloutConfig(gpu_memory_utilization=0.5),
         train=TrainConfig(name="qwenlong-l1-32b", checkpoint_every=5, device="cuda"),
@@ -276,6 +279,7 @@ def qwen_7b_single_node() -> Config:
     """One 8-GPU node, DeepSeek-R1-Distill-Qwen-7B, 20K then 60K input, smaller batches."""
     cfg = qwenlong_l1_32b()
     cfg.model.path = "DeepSeek-R1-Distill-Qwen-7B"
+    cfg.model.sp = 4  # Ulysses needs sp | 28 query heads and sp | 4 kv heads (or the reverse): 4, so dp = 2
     cfg.rl.batch_size, cfg.rl.mini_batch_size = 32, 16
     cfg.train.name = "qwen-7b"
     return cfg

@@ -42,6 +42,11 @@ def test_presets_build_and_differ():
     assert (big.rl.group_size, big.rl.batch_size, big.rl.mini_batch_size, big.rl.lr) == (8, 128, 32, 2e-6)
     assert (big.rl.temperature, big.rl.top_p, big.rl.overlong_window, big.rl.max_gen_rounds) == (0.7, 0.95, 1000, 10)
     assert [p.max_prompt_tokens for p in big.rl.phases] == [20480, 61440]
+    # a 32B policy is sharded (FSDP2) and its 60K-token groups split over a node (Ulysses keeps the shared prompt)
+    assert big.model.fsdp and big.model.sp == 8 and big.model.sp_attention == "ulysses"
+    assert 40 % big.model.sp == 0 and 8 % big.model.sp == 0  # DeepSeek-R1-Distill-Qwen-32B's 40 / 8 heads
+    seven = config.from_args(["--preset", "qwen-7b"])
+    assert 28 % seven.model.sp == 0 and 4 % seven.model.sp == 0  # 7B: 28 / 4 heads
 
 
 def test_checkpoint_is_atomic_and_latest_is_complete(tmp_path):
