@@ -11,30 +11,12 @@ import os
 import torch
 import torch.distributed as dist
 
+# the batch, the float64 reference and the comparison are the ring / Ulysses worker's (this directory is on sys.path)
+from _worker_sp_attention import _batch, _check, _cu, _expect_error
+
 from qlfast.parallel import gather_unshard, hybrid_attention, hybrid_groups, hybrid_plan, shard
-from qlfast.ref.attention import naive_attention
-from qlfast.testing import assert_close_vs_ref, rel_err
 
 LENS = [37, 130, 64, 5]  # 5 < 2W; with U=4 the ring-local packing needs a pad sequence
-
-
-def _cu(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def _batch(lens, hq, hkv, d, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    t = sum(lens)
-    q, k, v, dout = (torch.randn(t, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
-    return q.to(dtype), k.to(dtype), v.to(dtype), dout.to(dtype)
-
-
-def _reference(q, k, v, dout, cu, causal, upcast):
-    """Single-process attention by autograd -> (out, dq, dk, dv); upcast=False is the same-dtype eager baseline."""
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out, _ = naive_attention(q, k, v, cu, cu, causal=causal, upcast=upcast)
-    out.backward(dout)
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 def run_hybrid(groups, u, lens, hq, hkv, d, dtype, causal, seed):
@@ -50,26 +32,8 @@ def run_hybrid(groups, u, lens, hq, hkv, d, dtype, causal, seed):
     assert out.shape == ql.shape and out.dtype == dtype
     out.backward(shard(dout, plan))  # zero gradient at pad positions, as a loss masked with plan.valid gives
     got = [gather_unshard(x.detach(), plan) for x in (out, ql.grad, kl.grad, vl.grad)]
-    tag = f"hybrid U={u} R={w // u} {dtype} causal={causal} lens={lens} Hq={hq} Hkv={hkv}"
-    ref = _reference(q.double(), k.double(), v.double(), dout.double(), cu, causal, upcast=True)
-    names = ("out", "dq", "dk", "dv")
-    if dtype == torch.float64:
-        for name, g, r in zip(names, got, ref):
-            err = rel_err(g, r)
-            assert err < 1e-12, f"{tag} {name}: fp64 rel err {err:.3e}"
-    else:
-        eager = _reference(q, k, v, dout, cu, causal, upcast=False)
-        for name, g, r, e in zip(names, got, ref, eager):
-            assert_close_vs_ref(f"{tag} {name}", g, r, e, mult=4.0)
-
-
-def _expect_error(fn, match):
-    try:
-        fn()
-    except ValueError as e:
-        assert match in str(e), f"expected an error containing {match!r}, got {e}"
-        return
-    raise AssertionError(f"expected ValueError containing {match!r}")
+    _check(f"hybrid U={u} R={w // u} {dtype} causal={causal} lens={lens} Hq={hq} Hkv={hkv}", got, q, k, v, dout,
+           cu, causal)
 
 
 def run_errors(groups):
