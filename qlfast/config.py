@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlfast.rl.curriculum import Phase
+
 
 @dataclass
 class ModelConfig:
@@ -101,16 +103,6 @@ class SFTConfig:
     """SFT learning rate (AdamW, cosine to 10%)."""
     warmup_steps: int = 5
     """Linear warm-up steps."""
-
-
-@dataclass
-class Phase:
-    max_prompt_tokens: int
-    """Longest prompt this phase draws."""
-    max_response_tokens: int
-    """Longest response generated in this phase."""
-    steps: int
-    """RL steps in this phase."""
 
 
 def _tiny_phases() -> tuple[Phase, ...]:

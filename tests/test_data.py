@@ -14,7 +14,6 @@ from qlfast.data.template import (
     question_from_prompt,
     render_prompt,
     split_user_prompt,
-    truncate_middle,
 )
 from qlfast.data.tokenizer import CHAT_TEMPLATE, build_tokenizer, load_tokenizer
 
@@ -52,16 +51,6 @@ def test_middle_truncate_ids_keeps_both_ends():
     assert middle_truncate_ids(ids, 1) == ([0], True)
     with pytest.raises(ValueError):
         middle_truncate_ids(ids, -1)
-
-
-def test_truncate_middle_text(tok):
-    words = [f"w{i}" for i in range(300)]
-    text = "START " + " ".join(words) + " END"
-    out, t = truncate_middle(text, tok, 40)
-    assert t and out.startswith("START w0 w1") and out.endswith("w299 END")
-    assert len(tok.encode(out, add_special_tokens=False)) <= 41
-    assert "w150" not in out
-    assert truncate_middle("short", tok, 40) == ("short", False)
 
 
 def test_render_prompt_with_chat_template_and_budget(tok):

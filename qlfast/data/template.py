@@ -60,17 +60,6 @@ def middle_truncate_ids(ids: list[int], max_tokens: int) -> tuple[list[int], boo
     return list(ids[:head]) + (list(ids[len(ids) - tail :]) if tail else []), True
 
 
-def truncate_middle(text: str, tokenizer: Any, max_tokens: int) -> tuple[str, bool]:
-    """Middle-truncate `text` to at most `max_tokens` tokens of `tokenizer`. Returns (text, truncated)."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    kept, truncated = middle_truncate_ids(ids, max_tokens)
-    if not truncated:
-        return text, False
-    head = (max_tokens + 1) // 2
-    # Decode the two ends separately so no token is merged across the cut.
-    return tokenizer.decode(kept[:head]) + tokenizer.decode(kept[head:]), True
-
-
 def apply_chat(tokenizer: Any, user_message: str) -> str:
     """The user message through the tokenizer's chat template (with the generation prompt), if it has one."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):

@@ -13,7 +13,8 @@
     out_l = hybrid_attention(shard(q, plan), ..., plan.cu_seqlens_local, plan.max_seqlen_local,
                              ulysses_group=ulysses_group, ring_group=ring_group)
 
-The device mesh and FSDP wrapping live in qlfast.parallel.mesh / qlfast.parallel.fsdp (imported on their own).
+FSDP2 wrapping lives in qlfast.parallel.fsdp (imported on its own); the trainer builds its process groups in
+qlfast.trainer.comm.
 """
 
 from qlfast.parallel.hybrid import HybridPlan, hybrid_attention, hybrid_groups, hybrid_plan

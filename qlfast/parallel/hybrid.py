@@ -114,7 +114,7 @@ def hybrid_plan(cu_seqlens, ulysses_size: int, ring_size: int, rank: int, *, pad
 def hybrid_groups(ulysses_size: int, sp_size: int | None = None):
     """-> (ulysses_group, ring_group) of this rank. Collective: every rank of the world calls it with the same sizes.
 
-    The world is dp x sp with sp inner (as in mesh.build_mesh), sp_size W defaulting to the world size. Inside each
+    The world is dp x sp with sp inner (as in trainer.comm.init), sp_size W defaulting to the world size. Inside each
     block of W ranks, sp rank j is (ring_rank j // U, ulysses_rank j % U): a Ulysses group is U consecutive ranks, a
     ring joins ranks U apart. U must divide W.
     """

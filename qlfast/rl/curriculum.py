@@ -24,12 +24,16 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Phase:
-    """One curriculum phase."""
+    """One curriculum phase (the one definition: qlfast.config's presets and `--rl.phases` build these)."""
 
-    max_prompt_tokens: int  # prompts longer than this are not drawn in this phase
-    max_response_tokens: int  # generation limit (and the overlong-shaping max length) in this phase
-    steps: int | None = None  # number of RL steps; exactly one of steps / epochs
-    epochs: float | None = None  # passes over the phase's bin (steps = ceil(epochs * len(bin) / batch_size))
+    max_prompt_tokens: int
+    """Longest prompt this phase draws."""
+    max_response_tokens: int
+    """Longest response generated in this phase (also the overlong-shaping max length)."""
+    steps: int | None = None
+    """RL steps in this phase; exactly one of steps / epochs."""
+    epochs: float | None = None
+    """Passes over the phase's bin instead (steps = ceil(epochs * len(bin) / batch_size))."""
 
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):

@@ -3,18 +3,7 @@ held-out accuracy after SFT and after each phase; plus report.md with the same n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    rows = []
-    p = Path(path)
-    if p.exists():
-        for line in p.read_text().splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
 
 
 def write_report(run_dir: str | Path, rows: list[dict], evals: list[dict]) -> Path:

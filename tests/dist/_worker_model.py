@@ -11,11 +11,11 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from qlfast.model import QwenForCausalLM
 from qlfast.ops.linear_logprob import linear_logprob
 from qlfast.parallel.fsdp import apply_fsdp, full_grads
-from qlfast.parallel.mesh import build_mesh
 from qlfast.testing import rel_err
 
 CFG = dict(model_type="qwen3", vocab_size=257, hidden_size=128, intermediate_size=160, num_hidden_layers=2,
@@ -55,7 +55,7 @@ def _compare(got: dict, ref: dict, tag: str):
 
 
 def run_dp():
-    mesh = build_mesh(sp=1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))  # FSDP2 over every rank
     rank = dist.get_rank()
     batches = [_batch([45, 19, 60], seed=10), _batch([7, 90], seed=11)]
     # one process, both batches, loss = mean over the dp ranks' losses (FSDP averages gradients over dp)
@@ -63,7 +63,7 @@ def run_dp():
     sum(_loss(ref, *b, weight=0.5) for b in batches).backward()
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
 
-    model = apply_fsdp(_model(checkpoint=True, tiled_mlp=True, mlp_tile_tokens=32), mesh["dp"])
+    model = apply_fsdp(_model(checkpoint=True, tiled_mlp=True, mlp_tile_tokens=32), mesh)
     _loss(model, *batches[rank]).backward()
     _compare(full_grads(model), ref_grads, "dp=2 FSDP2")
 
@@ -71,8 +71,7 @@ def run_dp():
 def run_sp():
     from qlfast.parallel import contiguous_plan, ring_attention, shard, ulysses_attention, zigzag_plan
 
-    mesh = build_mesh(sp=2)
-    group = mesh["sp"].get_group()
+    group = dist.group.WORLD  # sp = the two ranks
     w, r = dist.get_world_size(group), dist.get_rank(group)
     ids, targets, cu = _batch([45, 3, 80], seed=12)
     ref = _model()
@@ -104,6 +103,7 @@ def run_sp():
 
 
 if __name__ == "__main__":
+    dist.init_process_group("gloo")  # torchrun's environment
     {"dp": run_dp, "sp": run_sp}[sys.argv[1]]()
     dist.barrier()
     if dist.get_rank() == 0:
