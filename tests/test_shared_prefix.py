@@ -213,7 +213,7 @@ def test_policy_update_same_with_and_without_shared_prompts(mini_batches):
     import copy
 
     from qlfast.config import RLConfig
-    from qlfast.trainer import dist, optim, rl_step
+    from qlfast.trainer import comm, optim, rl_step
 
     g = torch.Generator().manual_seed(5)
     ids = lambda n: torch.randint(1, 97, (n,), generator=g).tolist()  # noqa: E731
@@ -225,7 +225,7 @@ def test_policy_update_same_with_and_without_shared_prompts(mini_batches):
                                     rewards=[0.0] * 4, shaped=[1.0, 0.0, 0.5, 0.0], finish=["stop"] * 4,
                                     weight_version=0))
     rl_step.add_advantages(groups, 4, True)
-    env = dist.Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    env = comm.Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     base = _tiny_model()
     results = {}
     for share in (False, True):

@@ -8,8 +8,17 @@ prompts until the batch holds `target` groups with reward variance:
     for round in 1..max_rounds:
         groups = generate(round)                    # a fresh batch of prompts, G rollouts each, with rewards
         kept += [g for g in groups if max(g.rewards) - min(g.rewards) > tol]
-        if len(kept) >= target: break
+        if enough(kept): break                      # default len(kept) >= target
     return kept[:target]                            # surplus groups are discarded (DAPO trains on exactly `target`)
+
+Which rewards: the answer rewards (`group.rewards`: rule, judge, their max; each 0 or 1), not the overlong-shaped
+ones, with tol = 0. Eq. 11 constrains the number of *correct* responses: a group all right or all wrong is dropped,
+as in the DAPO recipe (verl's `filter_groups.metric=acc`). Shaped rewards can differ inside such a group only
+through the overlong penalty, so filtering on them would keep all-wrong groups and train them on response length
+alone, and a sampling rule that depends on the length budget would change which prompts train with it.
+
+Data parallel: each rank generates its share of every round; `enough` is then a collective (every rank calls it
+once per round) so that all ranks stop after the same round.
 
 If `max_rounds` rounds do not reach `target`, the driver returns what it has (possibly nothing) with
 `complete=False` and a message saying so; the trainer logs it and trains on the smaller batch (or skips the step
@@ -58,15 +67,16 @@ def _rewards_attr(group: Any) -> Sequence[float]:
 
 
 def dynamic_sample(generate: Callable[[int], Sequence[Any]], target: int, max_rounds: int, *,
-                   rewards_of: Callable[[Any], Sequence[float]] = _rewards_attr,
-                   tol: float = 0.0) -> DynamicSamplingResult:
-    """Call `generate(round)` (round = 0, 1, ...) until `target` groups with reward variance, or `max_rounds`."""
+                   rewards_of: Callable[[Any], Sequence[float]] = _rewards_attr, tol: float = 0.0,
+                   enough: Callable[[list[Any]], bool] | None = None) -> DynamicSamplingResult:
+    """Call `generate(round)` (round = 0, 1, ...) until `enough(kept)` (default: `target` groups with reward
+    variance) or `max_rounds` rounds; -> the first `target` kept groups and the counts."""
     if target <= 0 or max_rounds <= 0:
         raise ValueError(f"target and max_rounds must be positive, got target={target} max_rounds={max_rounds}")
     kept: list[Any] = []
     generated = dropped = rounds = 0
     per_round = []
-    while rounds < max_rounds and len(kept) < target:
+    while rounds < max_rounds:
         groups = list(generate(rounds))
         rounds += 1
         generated += len(groups)
@@ -78,6 +88,8 @@ def dynamic_sample(generate: Callable[[int], Sequence[Any]], target: int, max_ro
             else:
                 dropped += 1
         per_round.append(len(kept) - n_before)
+        if enough(kept) if enough is not None else len(kept) >= target:
+            break
     surplus = max(0, len(kept) - target)
     return DynamicSamplingResult(groups=kept[:target], target=target, rounds=rounds, generated=generated,
                                  dropped=dropped, surplus=surplus, complete=len(kept) >= target, per_round=per_round)

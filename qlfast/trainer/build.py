@@ -82,27 +82,38 @@ def datasets(cfg: Config, tokenizer, phases: list[Phase]) -> Datasets:
     else:
         heldout = _synthetic(cfg, cfg.data.synthetic_eval, seed=cfg.data.seed + 7919)
     limit = max(p.max_prompt_tokens for p in phases)
-    prompt_ids = [render(tokenizer, ex) for ex in train]
-    heldout_ids = [render(tokenizer, ex, max_tokens=limit) for ex in heldout]
-    bins = assign_bins([len(p) for p in prompt_ids], [p.max_prompt_tokens for p in phases])
+
+    def render_all(examples, max_tokens=None):
+        return [render(tokenizer, ex, max_tokens)[0] for ex in examples]
+
+    train_ids = render_all(train)  # whole: a prompt longer than every phase is reported by the bins, not truncated
+    heldout_ids = render_all(heldout, limit)
+    bins = assign_bins([len(p) for p in train_ids], [p.max_prompt_tokens for p in phases])
     if cfg.sft.steps <= 0:
         sft_examples, sft_ids = [], []
     elif cfg.sft.data_files:
         sft_examples = docqa.load_docqa(cfg.sft.data_files.split(","), skip_bad=cfg.data.skip_bad_rows).examples
-        sft_ids = [render(tokenizer, ex, max_tokens=limit) for ex in sft_examples]
+        sft_ids = render_all(sft_examples, limit)
     elif cfg.data.train_files:  # no separate SFT data: the RL rows, which must carry a worked response
-        sft_examples, sft_ids = train, prompt_ids
+        sft_examples, sft_ids = train, train_ids
     else:  # synthetic, disjoint from the RL questions (its own seed)
         sft_examples = _synthetic(cfg, cfg.data.synthetic_sft, seed=cfg.data.seed + 104729)
-        sft_ids = [render(tokenizer, ex) for ex in sft_examples]
-    return Datasets(train, heldout, prompt_ids, heldout_ids, bins, skipped, sft_examples, sft_ids)
+        sft_ids = render_all(sft_examples)
+    return Datasets(train, heldout, train_ids, heldout_ids, bins, skipped, sft_examples, sft_ids)
 
 
-def render(tokenizer, ex: docqa.DocQAExample, max_tokens: int | None = None) -> list[int]:
+def render(tokenizer, ex: docqa.DocQAExample, max_tokens: int | None = None) -> tuple[list[int], bool]:
+    """The prompt of one example as the engine gets it, and whether it was middle-truncated: the one rendering of
+    training, the held-out evaluation and `python -m qlfast.eval`.
+
+    A templated row (document and question known) is rendered with the QwenLong-L1 template and only its document is
+    middle-truncated (the question and instruction survive); a pre-rendered prompt that is not in the template is
+    middle-truncated as a whole, as LongBench does. max_tokens=None never truncates."""
     if ex.document is not None and ex.question is not None:
-        return template.render_prompt(tokenizer, ex.document, ex.question, max_tokens).input_ids
-    text = template.apply_chat(tokenizer, ex.user_prompt())
-    return tokenizer.encode(text, add_special_tokens=False)
+        rp = template.render_prompt(tokenizer, ex.document, ex.question, max_tokens)
+        return rp.input_ids, rp.truncated
+    ids = tokenizer.encode(template.apply_chat(tokenizer, ex.user_prompt()), add_special_tokens=False)
+    return (list(ids), False) if max_tokens is None else template.middle_truncate_ids(ids, max_tokens)
 
 
 def export(model, path, tokenizer, env) -> None:

@@ -1,13 +1,18 @@
 """Atomic, resumable checkpoints of a training run.
 
-Layout of <run_dir>/checkpoints/<tag>/ (written to <tag>.tmp-<pid> first, then renamed, so a killed run never leaves a
-half-written checkpoint under a real name):
+Layout of <run_dir>/checkpoints/<tag>/ (written to <tag>.tmp first, then renamed, so a killed run never leaves a
+half-written checkpoint under a real name; a save starts by clearing any <tag>.tmp a killed save left):
     model/              Hugging Face layout (config.json, safetensors, tokenizer): loads into transformers and vLLM
-    trainer-rank<r>.pt  optimizer, scheduler, RNG states of that rank
-    dcp/                FSDP2 only: the sharded model and optimizer state (torch.distributed.checkpoint, one file
-                        per rank), in place of the model and optimizer in trainer-rank<r>.pt
-    state.json          stage, phase, step, sampler positions, difficulty table, metrics needed to continue
+    trainer-rank<r>.pt  that rank's torch state: schedulers and RNG streams, and (unless sharded) the model and the
+                        optimizers
+    dcp/                FSDP2 only: the sharded model and RL optimizer (torch.distributed.checkpoint, one file per
+                        rank), in place of their copies in trainer-rank<r>.pt
+    state.json          the JSON state, the same on every rank: the run's TrainState (stage, steps, evaluations),
+                        the curriculum samplers' positions, the difficulty table
 <run_dir>/checkpoints/LATEST names the newest complete tag (itself replaced atomically).
+
+`Checkpointer` says which Stateful part of a run goes where (torchtitan's CheckpointManager, shrunk) and saves or
+loads them all; `save` / `load` / `latest` below do the file work.
 """
 
 from __future__ import annotations
@@ -16,11 +21,20 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def _rank() -> int:
@@ -43,6 +57,53 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RNGState:
+    """This process's RNG streams (python, numpy, torch, CUDA) as a checkpoint part."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
+@dataclass
+class Checkpointer:
+    """A run's Stateful parts and where each goes (see the module docstring):
+
+        shared    JSON parts, the same on every rank -> state.json (rank 0 writes, every rank reads)
+        per_rank  torch parts -> trainer-rank<r>.pt (every rank its own), loaded in this order
+        sharded   FSDP2's (model, optimizer) -> dcp/ (collective), instead of per-rank copies
+        export    writes the HF model directory model/ (a collective under FSDP2; rank 0 writes)
+    """
+
+    run_dir: Path
+    shared: dict[str, Stateful]
+    per_rank: dict[str, Stateful]
+    export: Callable[[str], None]
+    sharded: tuple | None = None
+    keep: int = 2
+
+    def save(self, tag: str) -> Path:
+        """Write checkpoint `tag` (collective); -> its path."""
+        return save(self.run_dir, tag, save_model=self.export, keep=self.keep, sharded=self.sharded,
+                    state={name: part.state_dict() for name, part in self.shared.items()},
+                    trainer_state={name: part.state_dict() for name, part in self.per_rank.items()})
+
+    def latest(self) -> Path | None:
+        return latest(self.run_dir)
+
+    def load(self, path: str | Path) -> None:
+        """Load every part from checkpoint `path` (collective under FSDP2)."""
+        state, trainer_state = load(path)
+        for name, part in self.shared.items():
+            part.load_state_dict(state[name])
+        if self.sharded is not None:
+            load_sharded(Path(path) / "dcp", *self.sharded)
+        for name, part in self.per_rank.items():
+            part.load_state_dict(trainer_state[name])
 
 
 def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_state: dict, keep: int = 2,

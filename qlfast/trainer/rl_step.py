@@ -1,6 +1,11 @@
 """One RL step's two halves: collecting scored groups (rollouts -> rewards -> DAPO dynamic sampling -> GRPO
 advantages) and the policy update over mini-batches with the fused policy loss.
 
+    prompts = PromptSource.build(cfg, ds)                                # curriculum bins + retrospective hard examples
+    kept, generated, rounds = collect(ctx, prompts, phase, step, max_tokens)
+    add_advantages(kept, group_size, norm_by_std)
+    metrics = policy_update(model, optimizer, scheduler, kept, env, rl=..., mini_batches=..., ...)
+
 Prompts of a global batch are dealt to ranks round-robin; every rank generates its share on its own colocated engine.
 Decisions that must agree across ranks (how many generation rounds, the difficulty table) use collectives. Under
 sequence parallel (qlfast/trainer/sp.py) an sp group trains on the union of its ranks' groups, each rank on 1/sp of
@@ -15,9 +20,12 @@ import torch
 
 from qlfast.ops.policy_loss import METRIC_REDUCE, PolicyLossConfig, policy_loss
 from qlfast.rl.advantages import group_advantages
+from qlfast.rl.curriculum import Curriculum
+from qlfast.rl.dynamic_sampling import dynamic_sample
 from qlfast.rl.overlong import apply_overlong_shaping
+from qlfast.rl.retrospective import DifficultyTable, RetrospectiveConfig, RetrospectiveSampler
 from qlfast.rollout.engine import SamplingConfig
-from qlfast.trainer import dist, sp
+from qlfast.trainer import comm, sp
 from qlfast.trainer.optim import clip_and_step
 from qlfast.trainer.packing import empty_batch, pack, split_by_tokens
 
@@ -37,23 +45,57 @@ class Group:
     advantages: list[float] = field(default_factory=list)
 
 
-def generate_groups(engine, tokenizer, ds, indices, reward, *, group_size, max_tokens, temperature, top_p, seed,
-                    overlong_window, overlong_penalty) -> list[Group]:
+@dataclass
+class PromptSource:
+    """Which prompts an RL step draws (QwenLong-L1 sections 3.2-3.3): the phase's length bin through the curriculum's
+    seeded samplers, and from the second phase on a share of retrospective hard examples, drawn by difficulty from
+    the table that every generated group's answer rewards feed. Checkpoints hold `curriculum` and `difficulty`."""
+
+    curriculum: Curriculum
+    difficulty: DifficultyTable
+    uid_index: dict[str, int]  # uid -> index into the training examples
+    retro: RetrospectiveSampler = field(init=False)
+
+    def __post_init__(self):
+        self.retro = RetrospectiveSampler(self.difficulty)
+
+    @classmethod
+    def build(cls, cfg, ds) -> PromptSource:
+        """The curriculum over the datasets' length bins and an empty difficulty table, both seeded by cfg.data.seed."""
+        rl = cfg.rl
+        curriculum = Curriculum(list(rl.phases), ds.bins, rl.batch_size, seed=cfg.data.seed)
+        table = DifficultyTable(RetrospectiveConfig(fraction=rl.retro_fraction, mode=rl.difficulty,
+                                                    cap=rl.difficulty_cap, seed=cfg.data.seed))
+        return cls(curriculum, table, {ex.uid: i for i, ex in enumerate(ds.train)})
+
+    def batch(self, phase: int, step: int, size: int, round_: int) -> list[int]:
+        """Dataset indices of one global batch: round 0 composes fresh and retrospective prompts, later dynamic
+        sampling rounds draw fresh ones only."""
+        if round_ > 0:
+            return self.curriculum.next_batch(phase, size)
+        fresh, retro_uids = self.retro.compose(phase, step, size, lambda n: self.curriculum.next_batch(phase, n))
+        return list(fresh) + [self.uid_index[u] for u in retro_uids]
+
+
+def generate_groups(ctx, indices: list[int], *, max_tokens: int, seed: int) -> list[Group]:
+    """G = rl.group_size rollouts of each training prompt in `indices` on ctx.engine, scored by ctx.reward; the shaped
+    rewards add DAPO's overlong penalty (rl.overlong_window > 0)."""
     if not indices:
         return []
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+    rl, tokenizer, ds, group_size = ctx.cfg.rl, ctx.tokenizer, ctx.ds, ctx.cfg.rl.group_size
+    sampling = SamplingConfig(temperature=rl.temperature, top_p=rl.top_p, max_tokens=max_tokens, seed=seed,
                               stop_token_ids=(tokenizer.eos_token_id,))
-    outs = engine.generate([ds.prompt_ids[i] for i in indices], n=group_size, sampling=sampling)
+    outs = ctx.engine.generate([ds.prompt_ids[i] for i in indices], n=group_size, sampling=sampling)
     samples = [s for g in outs for s in g]
     texts = tokenizer.batch_decode([list(s.token_ids) for s in samples], skip_special_tokens=True)
     golds = [ds.train[i].answers for i in indices for _ in range(group_size)]
     questions = [ds.train[i].question or "" for i in indices for _ in range(group_size)]
-    details = reward.score(texts, golds, questions)
+    details = ctx.reward.score(texts, golds, questions)
     rewards = torch.tensor([d.reward for d in details], dtype=torch.float32)
     lengths = torch.tensor([s.length for s in samples], dtype=torch.float32)
     shaped = rewards
-    if overlong_window > 0:
-        shaped = apply_overlong_shaping(rewards, lengths, max_tokens, overlong_window, overlong_penalty)
+    if rl.overlong_window > 0:
+        shaped = apply_overlong_shaping(rewards, lengths, max_tokens, rl.overlong_window, rl.overlong_penalty)
     groups = []
     for j, i in enumerate(indices):
         sl = slice(j * group_size, (j + 1) * group_size)
@@ -64,10 +106,6 @@ def generate_groups(engine, tokenizer, ds, indices, reward, *, group_size, max_t
                             rewards=rewards[sl].tolist(), shaped=shaped[sl].tolist(),
                             finish=[s.finish_reason for s in grp], weight_version=grp[0].weight_version))
     return groups
-
-
-def has_variance(g: Group) -> bool:
-    return max(g.shaped) - min(g.shaped) > 1e-6
 
 
 def add_advantages(groups: list[Group], group_size: int, norm_by_std: bool) -> None:
@@ -99,7 +137,7 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
                   max_response_tokens: int, backend: str = "auto") -> dict:
     """Mini-batch policy-gradient updates over this rank's groups (its sp group's, under sp). Returns reduced metrics
     and whether every optimizer step had finite gradients."""
-    (n_global,) = dist.sum_floats(sum(len(g.responses) for g in groups))
+    (n_global,) = comm.sum_floats(sum(len(g.responses) for g in groups))
     if n_global == 0:  # every group was dropped (no reward variance anywhere): nothing to learn from
         return {"finite": True, "skipped_update": 1.0}
     loss_cfg = dict(clip_low=rl.clip_low, clip_high=rl.clip_high, loss_agg=rl.loss_agg, kl_coef=0.0,
@@ -116,7 +154,7 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
         micro = [pack(prompts, responses, advantages=adv, rollout_logprobs=lps, indices=idx, share_prompts=share)
                  for idx in split_by_tokens(prompts, responses, rl.micro_batch_tokens, share_prompts=share)]
         if env.fsdp:  # the same number of passes on every rank
-            micro += [empty_batch()] * (dist.max_int(len(micro)) - len(micro))
+            micro += [empty_batch()] * (comm.max_int(len(micro)) - len(micro))
         plans.append((micro, n_tok, n_seq))
     # behaviour-policy log-probs before the first update (needed only when one step makes several updates)
     old = None
@@ -136,7 +174,7 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
     ratio_max = 0.0
     norms, all_ok = [], True
     for k, (micro, n_tok, n_seq) in enumerate(plans):
-        g_tok, g_seq = dist.sum_floats(n_tok, n_seq)
+        g_tok, g_seq = comm.sum_floats(n_tok, n_seq)
         # Dr. GRPO's normaliser is a constant, the generation budget: the same on every rank and micro-batch
         cfg = PolicyLossConfig(**loss_cfg, global_tokens=max(g_tok, 1.0), global_seqs=max(g_seq, 1.0),
                                loss_agg_norm=float(max_response_tokens))
@@ -157,50 +195,52 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
                     sums[name] = sums.get(name, 0.0) + float(v) / mini_batches
                 elif name == "ratio_max":
                     ratio_max = max(ratio_max, float(v))
-        dist.all_reduce_grads(model, env)
+        comm.all_reduce_grads(model, env)
         norm, ok = clip_and_step(model, optimizer, scheduler, rl.max_grad_norm)
         norms.append(norm)
         all_ok &= ok
     # every rank reduces the same names, also a rank that had no sequences this step (collectives must match)
-    names = sorted(set().union(*dist.all_gather_objects(sorted(sums))))
-    reduced = dict(zip(names, dist.sum_floats(*[sums.get(n, 0.0) for n in names])))
-    reduced["ratio_max"] = max(dist.all_gather_objects(ratio_max))
+    names = sorted(set().union(*comm.all_gather_objects(sorted(sums))))
+    reduced = dict(zip(names, comm.sum_floats(*[sums.get(n, 0.0) for n in names])))
+    reduced["ratio_max"] = max(comm.all_gather_objects(ratio_max))
     reduced["grad_norm"] = max(norms) if norms else 0.0
     return {"finite": all_ok, **reduced}
 
 
-def collect(engine, tokenizer, ds, reward, env, rl, *, curriculum, retro, table, uid_index, phase_i: int, step: int,
-            max_tokens: int, seed: int):
-    """One step's training groups with DAPO dynamic sampling.
+def collect(ctx, prompts: PromptSource, phase: int, step: int, max_tokens: int):
+    """One step's training groups, with DAPO dynamic sampling (qlfast/rl/dynamic_sampling.py decides what is kept).
 
     Round 0 draws the step's global batch (fresh prompts from the phase's bin plus retrospective hard examples);
-    further rounds draw fresh prompts. Every rank takes its share of each global batch, and the rounds stop for all
-    ranks together once the kept groups (with reward variance) fill the global batch, or after rl.max_gen_rounds.
-    Every generated group's rewards go into the difficulty table on every rank. Returns (kept, generated, rounds).
+    further rounds draw fresh prompts. Every rank generates its share of each global batch, and the rounds stop for all
+    ranks together once the kept groups fill the global batch, or after rl.max_gen_rounds. Every generated group's
+    answer rewards go into the difficulty table on every rank. Returns (kept, generated, rounds).
     """
-    kept: list[Group] = []
+    rl, env = ctx.cfg.rl, ctx.env
+    seed = ctx.cfg.train.seed * 1_000_003 + step * 101
     generated: list[Group] = []
-    local_target = len(range(env.rank, rl.batch_size, env.world))
-    rounds = 0
-    while True:
-        if rounds == 0:
-            fresh, retro_uids = retro.compose(phase_i, step, rl.batch_size, lambda n: curriculum.next_batch(phase_i, n))
-            batch = list(fresh) + [uid_index[u] for u in retro_uids]
-        else:
-            batch = curriculum.next_batch(phase_i, rl.batch_size)
-        groups = generate_groups(engine, tokenizer, ds, batch[env.rank::env.world], reward, group_size=rl.group_size,
-                                 max_tokens=max_tokens, temperature=rl.temperature, top_p=rl.top_p,
-                                 seed=seed + rounds * 7919 + env.rank, overlong_window=rl.overlong_window,
-                                 overlong_penalty=rl.overlong_penalty)
-        rounds += 1
-        generated += groups
-        for part in dist.all_gather_objects([(g.uid, g.rewards) for g in groups]):
+
+    def generate(round_: int) -> list[Group]:
+        batch = prompts.batch(phase, step, rl.batch_size, round_)
+        groups = generate_groups(ctx, batch[env.rank::env.world], max_tokens=max_tokens,
+                                 seed=seed + round_ * 7919 + env.rank)
+        generated.extend(groups)
+        for part in comm.all_gather_objects([(g.uid, g.rewards) for g in groups]):
             for uid, rewards in part:
-                table.record(uid, phase_i, rewards)
-        kept = (kept + [g for g in groups if has_variance(g)] if rl.dynamic_sampling else kept + groups)[:local_target]
-        (global_kept,) = dist.sum_floats(len(kept))
-        if not rl.dynamic_sampling or global_kept >= rl.batch_size or rounds >= rl.max_gen_rounds:
-            return kept, generated, rounds
+                prompts.difficulty.record(uid, phase, rewards)
+        return groups
+
+    if not rl.dynamic_sampling:
+        return generate(0), generated, 1
+    local_target = len(range(env.rank, rl.batch_size, env.world))  # this rank's share of the global batch
+
+    def enough(kept: list[Group]) -> bool:  # a collective, once per round on every rank: the ranks stop together
+        (global_kept,) = comm.sum_floats(min(len(kept), local_target))
+        return global_kept >= rl.batch_size
+
+    # a rank with no share (batch_size < ranks) still joins every round's collectives; it keeps nothing
+    res = dynamic_sample(generate, max(local_target, 1), max(rl.max_gen_rounds, 1), enough=enough,
+                         rewards_of=lambda g: g.shaped, tol=1e-6)
+    return res.groups[:local_target], generated, res.rounds
 
 
 def step_metrics(kept: list[Group], generated: list[Group]) -> dict:
@@ -210,7 +250,7 @@ def step_metrics(kept: list[Group], generated: list[Group]) -> dict:
         by_src.setdefault(g.source, [0.0, 0.0])
         by_src[g.source][0] += sum(g.rewards)
         by_src[g.source][1] += len(g.rewards)
-    parts = dist.all_gather_objects({
+    parts = comm.all_gather_objects({
         "acc": sum(sum(g.rewards) for g in generated), "shaped": sum(sum(g.shaped) for g in generated),
         "n": sum(len(g.rewards) for g in generated), "kept": len(kept), "gen": len(generated),
         "tokens": sum(len(r) for g in kept for r in g.responses),

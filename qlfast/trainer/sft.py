@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from qlfast.ops.linear_logprob import linear_logprob
-from qlfast.trainer import dist, sp
+from qlfast.trainer import comm, sp
 from qlfast.trainer.optim import clip_and_step
 from qlfast.trainer.packing import empty_batch, pack, split_by_tokens
 
@@ -33,14 +33,14 @@ def step_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list
 def sft_step(model, optimizer, scheduler, prompts, responses, indices, env, *, micro_tokens: int, max_grad_norm: float,
              backend: str = "auto") -> dict:
     own = indices[env.rank::env.world]
-    (global_tokens,) = dist.sum_floats(sum(len(responses[i]) for i in own))  # each rank its own: once over ranks
+    (global_tokens,) = comm.sum_floats(sum(len(responses[i]) for i in own))  # each rank its own: once over ranks
     local = sp.union(own, env)  # under sequence parallel, the sp group's examples (each rank 1/sp of their tokens)
     loss_sum = 0.0
     local_prompts, local_responses = [prompts[i] for i in local], [responses[i] for i in local]
     batches = [pack(prompts, responses, indices=[local[j] for j in group])
                for group in split_by_tokens(local_prompts, local_responses, micro_tokens)]
     if env.fsdp:  # the same number of passes on every rank
-        batches += [empty_batch()] * (dist.max_int(len(batches)) - len(batches))
+        batches += [empty_batch()] * (comm.max_int(len(batches)) - len(batches))
     for b in batches:
         with sp.sharded(model, b, env) as b:
             hidden = model(b.input_ids, b.position_ids, b.cu_seqlens).index_select(0, b.rows)
@@ -48,7 +48,7 @@ def sft_step(model, optimizer, scheduler, prompts, responses, indices, env, *, m
             loss = -logp.sum() / max(global_tokens, 1.0)
             (loss * env.loss_scale).backward()
         loss_sum += float(loss.detach())
-    dist.all_reduce_grads(model, env)
+    comm.all_reduce_grads(model, env)
     norm, ok = clip_and_step(model, optimizer, scheduler, max_grad_norm)
-    (loss_total,) = dist.sum_floats(loss_sum)
+    (loss_total,) = comm.sum_floats(loss_sum)
     return {"sft_loss": loss_total, "grad_norm": norm, "finite": ok, "tokens": global_tokens}

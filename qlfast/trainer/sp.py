@@ -9,7 +9,7 @@ the model on 1/N of every micro-batch's tokens (`sharded`):
         with sp.sharded(model, b, env) as b:     # local tokens and loss rows; attention over the sp group
             hidden = model(b.input_ids, b.position_ids, b.cu_seqlens).index_select(0, b.rows)
             loss(hidden, b.targets, ..., global normaliser).backward()
-    dist.all_reduce_grads(model, env)            # the sum over ALL ranks is the full-batch gradient
+    comm.all_reduce_grads(model, env)            # the sum over ALL ranks is the full-batch gradient
 
 A loss row (a token whose hidden state predicts a response token, qlfast/trainer/packing.py) is computed on the rank
 that holds its token (`local_rows`), so each row is counted once per group: the local loss is the sum over local rows
@@ -46,7 +46,7 @@ from qlfast.parallel import (
     ulysses_attention,
     zigzag_plan,
 )
-from qlfast.trainer import dist
+from qlfast.trainer import comm
 from qlfast.trainer.packing import PackedBatch
 
 
@@ -76,7 +76,7 @@ def union(items: list, env) -> list:
     """The sp group's items: every sp rank's list, concatenated in rank order (the same list on the group's ranks)."""
     if env.sp == 1:
         return list(items)
-    return [x for part in dist.all_gather_objects(list(items), group=env.sp_group) for x in part]
+    return [x for part in comm.all_gather_objects(list(items), group=env.sp_group) for x in part]
 
 
 def local_rows(rows: torch.Tensor, plan: ShardPlan) -> tuple[torch.Tensor, torch.Tensor]:

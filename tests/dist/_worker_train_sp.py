@@ -22,7 +22,7 @@ from qlfast.config import RLConfig
 from qlfast.model import ModelOptions, QwenForCausalLM
 from qlfast.parallel.fsdp import full_state_dict
 from qlfast.testing import rel_err
-from qlfast.trainer import dist as tdist
+from qlfast.trainer import comm
 from qlfast.trainer.rl_step import Group, policy_update
 from qlfast.trainer.sft import sft_step
 
@@ -62,7 +62,7 @@ def _model(env, fsdp: bool):
     model = QwenForCausalLM.from_config(CFG, ModelOptions(attn_backend="sdpa", checkpoint=True), seed=0,
                                         dtype=torch.float64)
     if fsdp:
-        tdist.shard_model(model, env)
+        comm.shard_model(model, env)
     return model
 
 
@@ -111,7 +111,7 @@ def main():
     for what, loss_agg, runs in CASES:
         for name in runs:
             sp, attention, fsdp = RUNS[name]
-            env = tdist.init("cpu", fsdp=fsdp, sp=sp, sp_attention=attention, sp_ulysses=2)
+            env = comm.init("cpu", fsdp=fsdp, sp=sp, sp_attention=attention, sp_ulysses=2)
             shared_calls.clear()
             m, delta = _update(env, fsdp, what, loss_agg)
             # RL under Ulysses packs each group with one copy of its prompt; ring and hybrid pack one by one

@@ -1,6 +1,6 @@
-"""torch.distributed for the trainer: process group from torchrun's environment (gloo on CPU, NCCL on GPU), the
+"""`qlfast.trainer.comm`: the trainer's process group from torchrun's environment (gloo on CPU, NCCL on GPU), the
 sequence-parallel groups (`--model.sp`, see qlfast/trainer/sp.py), and the few collectives the loop needs. A plain
-`python -m qlfast.train` runs as a world of one."""
+`python -m qlfast.train` runs as a world of one. Callers import it as `comm`; `dist` is always torch.distributed."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class Env:
     """Sequence-parallel degree: groups of sp consecutive ranks share every micro-batch, each holding 1/sp of its
     tokens (dp = world / sp groups)."""
     sp_attention: str = "ring"
-    """Attention across an sp group: "ring" (zigzag ring attention) or "ulysses" (all-to-all over heads)."""
+    """Attention across an sp group: "ring" (zigzag ring attention), "ulysses" (all-to-all over heads) or "hybrid"
+    (Ulysses inside groups of sp_ulysses ranks, ring across them)."""
     sp_group: object = None
     """This rank's sp group (a ProcessGroup; None when sp == 1)."""
     sp_ulysses: int = 1
@@ -98,14 +99,6 @@ def all_gather_objects(obj, group=None) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def max_int(n: int) -> int:
