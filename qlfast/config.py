@@ -152,7 +152,7 @@ class RLConfig:
     norm_adv_by_std: bool = True
     """GRPO: divide group-centred rewards by the group std (False: Dr. GRPO)."""
     dynamic_sampling: bool = True
-    """DAPO: drop groups whose rewards all agree and draw more prompts."""
+    """DAPO: drop groups whose answers are all right or all wrong and draw more prompts."""
     max_gen_rounds: int = 3
     """DAPO dynamic sampling: generation rounds per step before training on what there is."""
     overlong_window: int = 8

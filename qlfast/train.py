@@ -49,14 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             per_rank={**replicated, "sft_sched": sft_sched, "rl_sched": rl_sched, "rng": checkpoint.RNGState()},
             sharded=(model, rl_opt) if env.fsdp else None,
             export=lambda d: build.export(model, d, ctx.tokenizer, env))
-        path = ckpt.latest() if cfg.train.resume else None
-        if path is not None:
-            ckpt.load(path)
-            logger.truncate_after(state.rl_step, state.sft_step)
-            logger.write(f"resumed from {path} (stage {state.stage}, SFT step {state.sft_step}, "
-                         f"RL step {state.rl_step})")
-        else:
-            logger.reset()
+        _resume_or_start(cfg, ckpt, state, logger)
 
         # ---- 1. warm-up SFT -----------------------------------------------------------------------------------------
         if state.stage == "sft":
@@ -128,6 +121,18 @@ def main(argv: list[str] | None = None) -> None:
         if ctx is not None:
             ctx.close()
         comm.shutdown()
+
+
+def _resume_or_start(cfg, ckpt, state, logger) -> None:
+    """With --resume, load the newest checkpoint and cut metrics.jsonl back to it; otherwise (or without one) start
+    a fresh metrics.jsonl."""
+    path = ckpt.latest() if cfg.train.resume else None
+    if path is None:
+        logger.reset()
+        return
+    ckpt.load(path)
+    logger.truncate_after(state.rl_step, state.sft_step)
+    logger.write(f"resumed from {path} (stage {state.stage}, SFT step {state.sft_step}, RL step {state.rl_step})")
 
 
 def _parity(ctx) -> dict:

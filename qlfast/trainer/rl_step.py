@@ -237,9 +237,9 @@ def collect(ctx, prompts: PromptSource, phase: int, step: int, max_tokens: int):
         (global_kept,) = comm.sum_floats(min(len(kept), local_target))
         return global_kept >= rl.batch_size
 
-    # a rank with no share (batch_size < ranks) still joins every round's collectives; it keeps nothing
-    res = dynamic_sample(generate, max(local_target, 1), max(rl.max_gen_rounds, 1), enough=enough,
-                         rewards_of=lambda g: g.shaped, tol=1e-6)
+    # on the answer rewards, as DAPO (see qlfast/rl/dynamic_sampling.py); a rank with no share of the batch
+    # (batch_size < ranks) still joins every round's collectives and keeps nothing
+    res = dynamic_sample(generate, max(local_target, 1), max(rl.max_gen_rounds, 1), enough=enough)
     return res.groups[:local_target], generated, res.rounds
 
 
