@@ -19,6 +19,7 @@ import torch
 
 from qlfast.config import Config
 from qlfast.reward.hybrid import HybridReward
+from qlfast.rollout.engine import EngineConfig, RolloutEngine
 from qlfast.trainer import build, comm, sp
 from qlfast.trainer.logger import MetricsLogger
 from qlfast.trainer.rl_step import PromptSource
@@ -36,12 +37,10 @@ class RunContext:
     reward: HybridReward
     logger: MetricsLogger | None = None
     run_dir: Path | None = None
-    engine: Any = None  # qlfast.rollout.engine.RolloutEngine, from the end of SFT on
+    engine: RolloutEngine | None = None  # from the end of SFT on
 
-    def start_engine(self, weight_version: int = 0):
+    def start_engine(self, weight_version: int = 0) -> RolloutEngine:
         """Export the current weights and start the colocated engine on them (collective); -> the engine."""
-        from qlfast.rollout.engine import EngineConfig, RolloutEngine
-
         cfg, env = self.cfg, self.env
         model_dir = self.run_dir / "engine-init"
         build.export(self.model, str(model_dir), self.tokenizer, env)
