@@ -187,6 +187,18 @@ def test_bad_rows_name_file_row_field(tmp_path, bad, field):
     assert len(res.examples) == 3 and len(res.skipped) == 1 and res.skipped[0] == msg
 
 
+def test_non_utf8_row_is_a_named_skippable_row(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    good = json.dumps({"document": "D", "question": "Q", "answer": "A"}).encode()
+    bad = '{"document": "caf\u00e9", "question": "Q", "answer": "A"}'.encode("latin-1")
+    p.write_bytes(b"\n".join([good, bad, good]) + b"\n")
+    with pytest.raises(ValueError) as e:
+        load_docqa(str(p))
+    assert str(e.value) == f"{p}: row 2: field '<text>': not UTF-8 (byte 0xe9 at column 18)"
+    res = load_docqa(str(p), skip_bad=True)
+    assert len(res.examples) == 2 and res.skipped == [str(e.value)]
+
+
 def test_bad_parquet_row_numbered(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

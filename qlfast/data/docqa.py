@@ -150,8 +150,14 @@ def _iter_rows(path: str) -> Iterator[tuple[int, Any]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield i + 1, row
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # bytes, decoded line by line: a non-UTF-8 byte is then a malformed row (named, skippable), not an error of the file
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, RowError(f"field '<text>': not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:

@@ -5,7 +5,7 @@ A document is a shuffled mix of
   (each (house, attribute) pair appears at most once, so every question has exactly one answer),
 - link sentences for two-hop questions: "Kestrel House is twinned with Heron House." (each house in at most one link),
 - distractor sentences from a small grammar ("The quiet bridge stood near the mill."),
-filled until the document reaches a target length in tokens (`length_fn`, default: words and punctuation marks,
+filled until the document reaches a target length in tokens (`length_fn`, default: words, digits and punctuation marks,
 which is what the locally trained tokenizer gives for this closed vocabulary, within a few percent).
 
 Question kinds (gold answer in brackets):
@@ -70,11 +70,12 @@ class SyntheticConfig:
             raise ValueError(f"n_links must be <= {len(HOUSES) // 2}, got {self.n_links}")
 
 
-_WORD_RE = re.compile(r"\w+|[^\w\s]")
+_WORD_RE = re.compile(r"[^\W\d_]+|\d|[^\w\s]")
 
 
 def approx_tokens(text: str) -> int:
-    """Words plus punctuation marks: the token count of the closed-vocabulary tokenizer, approximately."""
+    """Words, digits and punctuation marks: the token count of the closed-vocabulary tokenizer (which splits numbers
+    into digits, as Qwen2's does), approximately."""
     return len(_WORD_RE.findall(text))
 
 

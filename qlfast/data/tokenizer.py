@@ -1,9 +1,17 @@
 """A small byte-level BPE tokenizer trained locally on synthetic text, for the tiny preset.
 
 Nothing is downloaded: the tokenizer is trained with the `tokenizers` library on `qlfast.data.synthetic.corpus`
-(closed vocabulary, so every word and number becomes one token at vocab ~1024) and saved as a transformers
+(closed vocabulary, so every word becomes one token at vocab ~1024) and saved as a transformers
 `PreTrainedTokenizerFast` directory (tokenizer.json + tokenizer_config.json with a Qwen-style chat template),
 which transformers' AutoTokenizer and vLLM load from a model directory.
+
+Normalisation and pre-tokenisation are Qwen2's own (NFC, then Qwen2Tokenizer's split regex: one token per digit,
+then byte-level). That is not a style choice: next to a config.json with model_type qwen2, transformers'
+AutoTokenizer (and vLLM, which calls it) builds `Qwen2Tokenizer`, which takes the vocabulary and merges from
+tokenizer.json but installs Qwen2's normaliser and pre-tokeniser whatever the file says. A tokenizer trained with
+any other pre-tokeniser gives different ids for the same text there than in qlfast (numbers split differently),
+so an exported model would be evaluated on inputs it never saw. With Qwen2's rules the ids agree in all three
+(tests/test_tokenizer_export.py).
 
 Special tokens (ids 0..2, in this order): <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos, ends a turn).
 <think> and </think> (ids 3, 4) are added tokens but *not* special: decoding with skip_special_tokens=True
@@ -30,7 +38,10 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-_VERSION = 2  # bump when the training recipe changes, to invalidate caches
+# transformers' Qwen2Tokenizer PRETOKENIZE_REGEX (the same as tiktoken's cl100k split, digits one at a time)
+QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                     r"|\s+(?!\S)|\s+")
+_VERSION = 3  # bump when the training recipe changes, to invalidate caches
 
 
 def _settings_hash(vocab_size: int, seed: int, n_docs: int) -> str:
@@ -44,12 +55,17 @@ def default_cache_dir() -> str:
 
 def train_tokenizer_object(texts: list[str], vocab_size: int = 1024):
     """Train a byte-level BPE `tokenizers.Tokenizer` on `texts` (deterministic for fixed input)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be >= 300 (256 bytes + specials + merges), got {vocab_size}")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Qwen2Tokenizer's normaliser and pre-tokeniser (see the module docstring for why they must be these)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
