@@ -39,51 +39,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qlfast import metrics
+from qlfast.reward.factory import build_reward
 from qlfast.reward.hybrid import HybridReward
-from qlfast.reward.judge import HTTPBackend, LLMJudge
 
 SAMPLES_FILE, RESULTS_FILE, TABLE_FILE, RUN_FILE = "samples.jsonl", "results.json", "table.md", "run.json"
 
 
 class EvalError(Exception):
     """A user-facing error: main prints its message (no traceback) and exits with status 2."""
-
-
-# --- reward -------------------------------------------------------------------------------------------------------
-
-
-def build_reward(judge: str = "none", judge_model: str = "", timeout: float = 30.0, retries: int = 3,
-                 judge_max_tokens: int = 16) -> HybridReward:
-    """none | http(s)://host/v1 (OpenAI-compatible) | a model directory (second in-process vLLM engine)."""
-    if not judge or judge == "none":
-        return HybridReward(None)
-    if judge.startswith(("http://", "https://")):
-        return HybridReward(LLMJudge(HTTPBackend(judge, judge_model or "judge", timeout=timeout, max_retries=retries)))
-    if not os.path.isdir(judge):
-        raise ValueError(f"--judge {judge!r}: expected 'none', an http(s) URL or a model directory")
-    from qlfast.reward.judge import EngineBackend, chat_renderer
-    from qlfast.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
-
-    # Judge prompts are a question and two short answers: a small context keeps the judge's KV cache small.
-    cfg = EngineConfig(gpu_memory_utilization=0.15, max_model_len=min(4096, _max_positions(judge)),
-                       enable_sleep_mode=False)
-    engine = RolloutEngine(judge, cfg)
-    tok = engine.llm.get_tokenizer()
-
-    class _Texts:  # generate(prompts) -> texts, the interface EngineBackend expects
-        def generate(self, prompts: Sequence[str]) -> list[str]:
-            groups = engine.generate(list(prompts), 1, SamplingConfig(temperature=0.0, max_tokens=judge_max_tokens))
-            return [tok.decode(list(g[0].token_ids), skip_special_tokens=True) for g in groups]
-
-    return HybridReward(LLMJudge(EngineBackend(_Texts(), render=chat_renderer(tok))))
-
-
-def _max_positions(model_dir: str) -> int:
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            return int(json.load(f).get("max_position_embeddings") or 4096)
-    except (OSError, ValueError):
-        return 4096
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------
@@ -211,7 +174,6 @@ def evaluate(engine, tokenizer, examples, prompt_ids: Sequence[Sequence[int]], r
     `engine.generate(prompts, n=, sampling=)` returns per prompt a list of n samples with `token_ids`, `length` and
     `finish_reason`. With `samples_path`, rows already there for the same prompt id, prompt tokens and sample index
     are reused, and new rows are appended after each batch (an interrupted run loses at most one batch)."""
-    from qlfast.data.template import question_from_prompt
     from qlfast.rollout.engine import SamplingConfig
 
     if len(prompt_ids) != len(examples):
@@ -246,8 +208,9 @@ def evaluate(engine, tokenizer, examples, prompt_ids: Sequence[Sequence[int]], r
             # Only the missing samples of a partly done question are kept: resumed rows are never duplicated.
             flat = [(j, s, smp) for j, g in zip(chunk, groups) for s, smp in enumerate(g) if (ids[j], s) not in done]
             texts = tokenizer.batch_decode([list(smp.token_ids) for _, _, smp in flat], skip_special_tokens=True)
-            questions = [examples[j].question or question_from_prompt(examples[j].prompt or "") for j, _, _ in flat]
-            details = reward.score(texts, [examples[j].answers for j, _, _ in flat], questions)
+            # data_source, parsed gold, question and "the prompt opened <think>" come from the example and its prompt
+            details = reward.score_examples(texts, [examples[j] for j, _, _ in flat],
+                                            [prompt_ids[j] for j, _, _ in flat], tokenizer)
             rows = []
             for (j, s, smp), text, d in zip(flat, texts, details):
                 ex = examples[j]

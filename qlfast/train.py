@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from qlfast import config as config_mod
-from qlfast.eval import build_reward, evaluate, summarize
+from qlfast.eval import evaluate, summarize
+from qlfast.reward.factory import reward_from_config
 from qlfast.rl.curriculum import Curriculum, Phase
 from qlfast.rl.retrospective import DifficultyTable, RetrospectiveConfig, RetrospectiveSampler
 from qlfast.rollout.engine import EngineConfig, RolloutEngine
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 cap=cfg.rl.difficulty_cap, seed=cfg.data.seed))
     retro = RetrospectiveSampler(table)
     uid_index = {ex.uid: i for i, ex in enumerate(ds.train)}
-    reward = build_reward(cfg.reward.judge, cfg.reward.judge_model, cfg.reward.judge_timeout_s,
-                          cfg.reward.judge_retries)
+    reward = reward_from_config(cfg.reward)
     logger = MetricsLogger(run_dir, env.is_main, curriculum.total_steps)
     logger.write(f"qlfast.train: {env.world} rank(s) on {env.device}; {len(ds.sft)} SFT / {len(ds.train)} RL / "
                  f"{len(ds.heldout)} held-out questions; {ds.bins.report()}" + (f"; skipped {len(ds.skipped)} bad rows"
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         phase_i = curriculum.phase_of(step)
         phase = phases[phase_i]
         t0 = time.perf_counter()
+        reward.begin_step()  # the judge's per-step counters and time budget
 
         kept, generated, rounds = rl_step.collect(
             engine, tokenizer, ds, reward, env, cfg.rl, curriculum=curriculum, retro=retro, table=table,
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         sync = wake_and_sync(engine, model)
         state["weight_version"] = sync.version
         t3 = time.perf_counter()
-        row = {"phase": phase_i, "gen_rounds": rounds, **rl_step.step_metrics(kept, generated), **upd,
+        row = {"phase": phase_i, "gen_rounds": rounds, **rl_step.step_metrics(kept, generated, reward.step_stats()),
+               **upd,
                "weight_version": sync.version, "time_rollout_reward": t1 - t0, "time_train": t2 - t1,
                "time_sync": t3 - t2, "time_step": t3 - t0}
         row["tokens_per_s"] = row["train_tokens"] / max(t3 - t0, 1e-9)
