@@ -4,7 +4,7 @@ Both providers start from the same weights (the tiny preset's seeded random Qwen
 loaded by TRL through transformers' AutoModelForCausalLM), train on the same synthetic DocQA prompts (rendered with
 the QwenLong-L1 template; the test checks that TRL's tokenisation gives qlfast's exact prompt ids), draw `group`
 completions per prompt at temperature 1, top-p 1, with at most `max_new` new tokens, score them with the same rule
-reward (qlfast.reward.rule.rule_score), normalise advantages per group by the std, and take ONE optimizer step per
+reward (qlfast.reward.dispatch.rule_score), normalise advantages per group by the std, and take ONE optimizer step per
 generation batch (AdamW, lr and grad clipping from the tiny preset) with the DAPO clip-higher token-mean loss
 (eps 0.2 / 0.28, no KL term, no activation checkpointing on either side). Step k of both trains on prompts
 [k * prompts, (k + 1) * prompts). A step is everything between two consecutive steps:
@@ -59,7 +59,7 @@ import harness  # noqa: E402
 from qlfast import config as config_mod  # noqa: E402
 from qlfast.data import synthetic, template  # noqa: E402
 from qlfast.reward.hybrid import HybridReward  # noqa: E402
-from qlfast.reward.rule import rule_score  # noqa: E402
+from qlfast.reward.dispatch import rule_score  # noqa: E402
 from qlfast.rollout.engine import EngineConfig, RolloutEngine  # noqa: E402
 from qlfast.rollout.weight_sync import wake_and_sync  # noqa: E402
 from qlfast.trainer import build, dist, optim, rl_step  # noqa: E402

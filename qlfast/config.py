@@ -193,6 +193,14 @@ class RewardConfig:
     """Per-request timeout of the HTTP judge."""
     judge_retries: int = 3
     """Retries (exponential backoff) before falling back to the rule score."""
+    judge_max_tokens: int = 512
+    """New tokens the judge may write: its explanation and the [[YES]]/[[NO]] verdict (docs/reward.md)."""
+    judge_breaker_failures: int = 5
+    """Consecutive failed judge requests that open its circuit breaker (nothing sent for a cool-down); 0: never."""
+    judge_breaker_cooldown_s: float = 60.0
+    """Seconds an open breaker sends nothing before one probe request (doubled after each failed probe, up to 10x)."""
+    judge_step_budget_s: float = 60.0
+    """Judge wall time per RL step; items left when it is spent keep the rule score (judge_skipped). 0: unbounded."""
 
 
 @dataclass

@@ -37,47 +37,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qlfast.evaluation import EvalError, evaluate, macro_average, markdown_table, summarize
-from qlfast.reward.hybrid import HybridReward
-from qlfast.reward.judge import HTTPBackend, LLMJudge
+from qlfast.reward.factory import build_reward
 
 SAMPLES_FILE, RESULTS_FILE, TABLE_FILE, RUN_FILE = "samples.jsonl", "results.json", "table.md", "run.json"
-
-
-# --- reward -------------------------------------------------------------------------------------------------------
-
-
-def build_reward(judge: str = "none", judge_model: str = "", timeout: float = 30.0, retries: int = 3,
-                 judge_max_tokens: int = 16) -> HybridReward:
-    """none | http(s)://host/v1 (OpenAI-compatible) | a model directory (second in-process vLLM engine)."""
-    if not judge or judge == "none":
-        return HybridReward(None)
-    if judge.startswith(("http://", "https://")):
-        return HybridReward(LLMJudge(HTTPBackend(judge, judge_model or "judge", timeout=timeout, max_retries=retries)))
-    if not os.path.isdir(judge):
-        raise ValueError(f"--judge {judge!r}: expected 'none', an http(s) URL or a model directory")
-    from qlfast.reward.judge import EngineBackend, chat_renderer
-    from qlfast.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
-
-    # Judge prompts are a question and two short answers: a small context keeps the judge's KV cache small.
-    cfg = EngineConfig(gpu_memory_utilization=0.15, max_model_len=min(4096, _max_positions(judge)),
-                       enable_sleep_mode=False)
-    engine = RolloutEngine(judge, cfg)
-    tok = engine.llm.get_tokenizer()
-
-    class _Texts:  # generate(prompts) -> texts, the interface EngineBackend expects
-        def generate(self, prompts: Sequence[str]) -> list[str]:
-            groups = engine.generate(list(prompts), 1, SamplingConfig(temperature=0.0, max_tokens=judge_max_tokens))
-            return [tok.decode(list(g[0].token_ids), skip_special_tokens=True) for g in groups]
-
-    return HybridReward(LLMJudge(EngineBackend(_Texts(), render=chat_renderer(tok))))
-
-
-def _max_positions(model_dir: str) -> int:
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            return int(json.load(f).get("max_position_embeddings") or 4096)
-    except (OSError, ValueError):
-        return 4096
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------

@@ -97,7 +97,6 @@ def evaluate(engine, tokenizer, examples, prompt_ids: Sequence[Sequence[int]], r
     `engine.generate(prompts, n=, sampling=)` returns per prompt a list of n samples with `token_ids`, `length` and
     `finish_reason`. With `samples_path`, rows already there for the same prompt id, prompt tokens and sample index
     are reused, and new rows are appended after each batch (an interrupted run loses at most one batch)."""
-    from qlfast.data.template import question_from_prompt
     from qlfast.rollout.engine import SamplingConfig
 
     if len(prompt_ids) != len(examples):
@@ -132,8 +131,9 @@ def evaluate(engine, tokenizer, examples, prompt_ids: Sequence[Sequence[int]], r
             # Only the missing samples of a partly done question are kept: resumed rows are never duplicated.
             flat = [(j, s, smp) for j, g in zip(chunk, groups) for s, smp in enumerate(g) if (ids[j], s) not in done]
             texts = tokenizer.batch_decode([list(smp.token_ids) for _, _, smp in flat], skip_special_tokens=True)
-            questions = [examples[j].question or question_from_prompt(examples[j].prompt or "") for j, _, _ in flat]
-            details = reward.score(texts, [examples[j].answers for j, _, _ in flat], questions)
+            # data_source, parsed gold, question and "the prompt opened <think>" come from the example and its prompt
+            details = reward.score_examples(texts, [examples[j] for j, _, _ in flat],
+                                            [prompt_ids[j] for j, _, _ in flat], tokenizer)
             rows = []
             for (j, s, smp), text, d in zip(flat, texts, details):
                 ex = examples[j]

@@ -19,7 +19,7 @@ import os
 import time
 
 from qlfast import config as config_mod
-from qlfast.eval import build_reward  # allow-listed in tests/test_layering.py until it moves to qlfast/reward/
+from qlfast.reward.factory import reward_from_config
 from qlfast.rollout.weight_sync import wake_and_sync
 from qlfast.trainer import build, checkpoint, comm, context, heldout, optim, rl_step, sft
 from qlfast.trainer.report import write_report
@@ -32,9 +32,7 @@ def main(argv: list[str] | None = None) -> None:
                     sp_ulysses=cfg.model.sp_ulysses)
     ctx = None
     try:
-        reward = build_reward(cfg.reward.judge, cfg.reward.judge_model, cfg.reward.judge_timeout_s,
-                              cfg.reward.judge_retries)
-        ctx, prompts = context.start(cfg, env, reward)
+        ctx, prompts = context.start(cfg, env, reward_from_config(cfg.reward))
         model, logger, ds, phases = ctx.model, ctx.logger, ctx.ds, list(cfg.rl.phases)
 
         # ---- state: fresh, or from the last checkpoint ------------------------------------------------------------
@@ -78,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             phase_i = prompts.curriculum.phase_of(step)
             max_tokens = phases[phase_i].max_response_tokens
             t0 = time.perf_counter()
+            ctx.reward.begin_step()  # the judge's per-step counters and time budget
             kept, generated, rounds = rl_step.collect(ctx, prompts, phase_i, step, max_tokens)
             t1 = time.perf_counter()
             rl_step.add_advantages(kept, cfg.rl.group_size, cfg.rl.norm_adv_by_std)
@@ -92,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                     raise SystemExit(f"qlfast.train: {bad} consecutive non-finite steps; stopping")
             state.weight_version = wake_and_sync(engine, model).version
             t3 = time.perf_counter()
-            row = {"phase": phase_i, "gen_rounds": rounds, **rl_step.step_metrics(kept, generated), **upd,
+            row = {"phase": phase_i, "gen_rounds": rounds,
+                   **rl_step.step_metrics(kept, generated, ctx.reward.step_stats()), **upd,
                    "weight_version": state.weight_version, "time_rollout_reward": t1 - t0, "time_train": t2 - t1,
                    "time_sync": t3 - t2, "time_step": t3 - t0}
             row["tokens_per_s"] = row["train_tokens"] / max(t3 - t0, 1e-9)

@@ -11,11 +11,11 @@ from qlfast.data.template import (
     apply_chat,
     build_user_prompt,
     middle_truncate_ids,
-    question_from_prompt,
     render_prompt,
     split_user_prompt,
 )
 from qlfast.data.tokenizer import CHAT_TEMPLATE, build_tokenizer, load_tokenizer
+from qlfast.reward.dispatch import question_from_prompt  # the judge's question: the reward layer's own reading
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,6 @@ IN_FLIGHT = {
     ("qlfast.model.qwen", "qlfast.model.tiled_mlp"): "cycle (swiglu_mlp): branch gpu",
     ("qlfast.rollout.engine", "qlfast.rollout.weight_sync"): "cycle (use_plain_cpu_linear): branch tp",
     ("qlfast.ops.shared_prefix", "qlfast.parallel.merge"): "ops -> parallel (the LSE merge is an op): branch gpu",
-    ("qlfast.train", "qlfast.eval"): "build_reward moves next to the rewards, qlfast/reward/: branch reward",
 }
 IN_FLIGHT_CYCLES = {frozenset(k) for k, why in IN_FLIGHT.items() if why.startswith("cycle")}
 

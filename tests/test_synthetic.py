@@ -7,7 +7,7 @@ import pytest
 
 from qlfast.data.synthetic import KINDS, SyntheticConfig, approx_tokens, generate_synthetic, make_example, sft_pairs
 from qlfast.data.tokenizer import build_tokenizer, load_tokenizer
-from qlfast.reward.rule import rule_score
+from qlfast.reward.dispatch import rule_score
 
 FACT = re.compile(r"The ([a-z ]+) of (\w+) House is (\d+)\.")
 LINK = re.compile(r"(\w+) House is twinned with (\w+) House\.")

@@ -43,12 +43,6 @@ def split_user_prompt(prompt: str) -> tuple[str, str] | None:
     return prompt[start + len("<text>") : end].strip(), prompt[end + len("</text>") : fmt].strip()
 
 
-def question_from_prompt(prompt: str) -> str:
-    """The question part of a rendered prompt (what the LLM judge sees), or the whole prompt if not templated."""
-    parts = split_user_prompt(prompt)
-    return parts[1] if parts is not None else prompt.strip()
-
-
 def middle_truncate_ids(ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
     """Keep the first ceil(max_tokens/2) and the last floor(max_tokens/2) ids. Returns (ids, truncated)."""
     if max_tokens < 0:

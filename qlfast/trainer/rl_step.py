@@ -88,9 +88,9 @@ def generate_groups(ctx, indices: list[int], *, max_tokens: int, seed: int) -> l
     outs = ctx.engine.generate([ds.prompt_ids[i] for i in indices], n=group_size, sampling=sampling)
     samples = [s for g in outs for s in g]
     texts = tokenizer.batch_decode([list(s.token_ids) for s in samples], skip_special_tokens=True)
-    golds = [ds.train[i].answers for i in indices for _ in range(group_size)]
-    questions = [ds.train[i].question or "" for i in indices for _ in range(group_size)]
-    details = ctx.reward.score(texts, golds, questions)
+    # data_source, parsed gold, question and "the prompt opened <think>" come from the example and its prompt
+    details = ctx.reward.score_examples(texts, [ds.train[i] for i in indices for _ in range(group_size)],
+                                        [ds.prompt_ids[i] for i in indices for _ in range(group_size)], tokenizer)
     rewards = torch.tensor([d.reward for d in details], dtype=torch.float32)
     lengths = torch.tensor([s.length for s in samples], dtype=torch.float32)
     shaped = rewards
@@ -243,8 +243,9 @@ def collect(ctx, prompts: PromptSource, phase: int, step: int, max_tokens: int):
     return res.groups[:local_target], generated, res.rounds
 
 
-def step_metrics(kept: list[Group], generated: list[Group]) -> dict:
-    """Rollout metrics summed over ranks: reward (shaped), accuracy (answer reward) overall and by source."""
+def step_metrics(kept: list[Group], generated: list[Group], judge: dict | None = None) -> dict:
+    """Rollout metrics summed over ranks: reward (shaped), accuracy (answer reward) overall and by source, and the
+    judge's step counters (`judge`: HybridReward.step_stats(), summed over ranks as they are)."""
     by_src: dict[str, list[float]] = {}
     for g in generated:
         by_src.setdefault(g.source, [0.0, 0.0])
@@ -255,7 +256,7 @@ def step_metrics(kept: list[Group], generated: list[Group]) -> dict:
         "n": sum(len(g.rewards) for g in generated), "kept": len(kept), "gen": len(generated),
         "tokens": sum(len(r) for g in kept for r in g.responses),
         "len": sum(len(r) for g in generated for r in g.responses),
-        "truncated": sum(f == "length" for g in generated for f in g.finish), "src": by_src})
+        "truncated": sum(f == "length" for g in generated for f in g.finish), "src": by_src, "judge": judge or {}})
     tot = {k: sum(p[k] for p in parts) for k in ("acc", "shaped", "n", "kept", "gen", "tokens", "len", "truncated")}
     src: dict[str, list[float]] = {}
     for p in parts:
@@ -267,4 +268,5 @@ def step_metrics(kept: list[Group], generated: list[Group]) -> dict:
     return {"reward_mean": tot["shaped"] / n, "accuracy": tot["acc"] / n, "groups_kept": tot["kept"],
             "groups_generated": tot["gen"], "dropped_groups": tot["gen"] - tot["kept"],
             "response_len_mean": tot["len"] / n, "truncated_frac": tot["truncated"] / n,
-            "train_tokens": tot["tokens"], **{f"acc/{s}": a / max(c, 1) for s, (a, c) in sorted(src.items())}}
+            "train_tokens": tot["tokens"], **{f"acc/{s}": a / max(c, 1) for s, (a, c) in sorted(src.items())},
+            **{k: sum(p["judge"].get(k, 0.0) for p in parts) for k in sorted({k for p in parts for k in p["judge"]})}}
