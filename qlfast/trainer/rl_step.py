@@ -39,10 +39,11 @@ class Group:
 
 def generate_groups(engine, tokenizer, ds, indices, reward, *, group_size, max_tokens, temperature, top_p, seed,
                     overlong_window, overlong_penalty) -> list[Group]:
-    if not indices:
-        return []
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                               stop_token_ids=(tokenizer.eos_token_id,))
+    if not indices:
+        engine.generate([], n=group_size, sampling=sampling)  # a collective under TP: join the group's call
+        return []
     outs = engine.generate([ds.prompt_ids[i] for i in indices], n=group_size, sampling=sampling)
     samples = [s for g in outs for s in g]
     texts = tokenizer.batch_decode([list(s.token_ids) for s in samples], skip_special_tokens=True)
