@@ -40,8 +40,10 @@ def heldout_accuracy(engine, tokenizer, ds, reward, env, cfg, max_new_tokens, st
     mine = list(range(env.rank, len(ds.heldout), env.world))
     examples, prompts = [ds.heldout[i] for i in mine], [ds.heldout_prompt_ids[i] for i in mine]
     k = cfg.train.eval_samples
-    # a TP engine's generate is a collective of its group: one call per rank, whatever its share
+    # a TP engine's generate is a collective of its group: one call per rank and pass, whatever its share
     batch = {"batch_prompts": max(1, dist.max_int(len(mine)))} if engine.tp_size > 1 else {}
+    for _ in range(2 if batch and not examples else 0):  # no questions here: join the sampled and greedy calls
+        engine.generate([])
     sampled = evaluate(engine, tokenizer, examples, prompts, reward, n=k, temperature=cfg.train.eval_temperature,
                        top_p=cfg.train.eval_top_p, max_new_tokens=max_new_tokens, seed=cfg.train.seed + 17, **batch)
     greedy = evaluate(engine, tokenizer, examples, prompts, reward, n=1, temperature=0.0,

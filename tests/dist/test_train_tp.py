@@ -64,3 +64,17 @@ def test_tp2_run_matches_one_engine_per_rank(tp1_run, tmp_path, extra):
     assert [e["stage"] for e in evals] == ["after SFT", "after phase 1", "after phase 2"]
     assert [(e["n"], e["accuracy"], e["greedy_accuracy"]) for e in evals] == \
         [(e["n"], e["accuracy"], e["greedy_accuracy"]) for e in base_evals]
+
+
+def test_tp2_rank_with_nothing_to_generate_joins_its_groups_calls(tmp_path):
+    """One prompt per RL step and one held-out question on two ranks: rank 1 has nothing to generate, yet its
+    engine's generate is a collective of the TP group, so it must still join every call (or the run hangs)."""
+    out = run_torchrun("-m", "qlfast.train", f"--train.out_dir={tmp_path}", "--train.name=edge", "--sft.steps=2",
+                       "--sft.batch_size=8", "--rl.phases=120:24:1,200:24:1", "--rl.batch_size=1",
+                       "--rl.mini_batch_size=1", "--rl.group_size=4", "--rl.max_gen_rounds=2",
+                       "--data.synthetic_train=64", "--data.synthetic_eval=1", "--train.checkpoint_every=100",
+                       "--rollout.tp=2", timeout=400, log=tmp_path / "edge.log")
+    assert "report:" in out
+    rows = _rows(tmp_path / "edge" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1] and all(r["groups_generated"] >= 1 for r in rows)
+    assert [e["n"] for e in _rows(tmp_path / "edge" / "metrics.jsonl", "eval")] == [1, 1, 1]
