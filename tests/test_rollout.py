@@ -189,3 +189,34 @@ def test_engine_start_error_carries_vllm_message(model_dir):
     # longer than the model's 512 positions: vLLM refuses while validating its config, before loading anything
     with pytest.raises(EngineStartError, match="tiny_qwen2.*max_model_len|max_model_len.*tiny_qwen2"):
         RolloutEngine(model_dir, EngineConfig(dtype="float32", max_model_len=100_000))
+
+
+def test_wake_up_tracks_weights_and_kv_cache_apart():
+    """GPU sleep mode's bookkeeping, with a stand-in for vllm.LLM: waking only the KV cache leaves the weights asleep,
+    and a sync then refuses (it would write into released memory)."""
+
+    class FakeLLM:
+        def __init__(self):
+            self.calls = []
+
+        def sleep(self, level):
+            self.calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            self.calls.append(("wake_up", tags))
+
+    eng = RolloutEngine.__new__(RolloutEngine)
+    eng.llm, eng.config, eng.sleep_enabled = FakeLLM(), EngineConfig(), True
+    eng.asleep = eng.weights_asleep = False
+    eng.sleep()
+    assert eng.asleep and eng.weights_asleep and eng.llm.calls == [("sleep", 1)]
+    eng.wake_up(["kv_cache"])
+    assert not eng.asleep and eng.weights_asleep
+    with pytest.raises(RuntimeError, match="weights are asleep"):
+        sync_weights(eng, {})
+    eng.wake_up(["weights"])
+    assert not eng.weights_asleep
+    eng.sleep()
+    eng.wake_up()
+    assert not eng.asleep and not eng.weights_asleep
+    assert eng.llm.calls[-1] == ("wake_up", None)

@@ -4,15 +4,27 @@
     groups = engine.generate(prompts, n=8, sampling=SamplingConfig(temperature=1.0, max_tokens=4096, seed=step))
     groups[i][j].token_ids, .logprobs, .finish_reason, .length, .weight_version
 
-In-process, always: under torchrun the engine uses vLLM's `external_launcher` executor (one engine per rank, sharing
-the trainer's process group, tensor_parallel_size=1); otherwise `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine
-core in this process. Being in-process is what lets `weight_sync.sync_weights` write straight into the engine's
-parameters instead of shipping tensors over IPC.
+In-process, always: under torchrun the engine uses vLLM's `external_launcher` executor (sharing the trainer's process
+group); otherwise `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process. Being in-process is what
+lets `weight_sync.sync_weights` write straight into the engine's parameters instead of shipping tensors over IPC.
+
+Tensor parallel (`EngineConfig(tensor_parallel_size=N)`, torchrun only): each group of N consecutive ranks forms one
+engine, each rank holding 1/N of it. `generate` and `prompt_logprobs` are then collectives of the group: every rank
+passes its own prompts and gets back its own samples (qlfast/rollout/tp.py), so a caller written for one engine per
+rank works unchanged as long as all ranks of a group make the same calls.
 
 Memory: on GPU the engine takes `gpu_memory_utilization` of the device (weights + KV cache) and, with sleep mode,
 gives it back during the training step (`sleep()`: level 1 offloads weights to CPU and drops the KV cache). On CPU the
 KV cache is an explicit `cpu_kv_cache_gib` (VLLM_CPU_KVCACHE_SPACE) and vLLM has no sleep mode, so `sleep()` and
 `wake_up()` return quietly.
+
+Sleep under TP (GPU; reasoned from vLLM's design, not run here): sleep and wake_up act on this rank's CuMem pool only
+(its weight shard and KV blocks), with no collective, and wake_up maps the memory back at the same virtual addresses,
+so captured CUDA graphs and the TP group's NCCL / custom all-reduce buffers (allocated outside the pool, never
+released) stay valid. What must hold across the group is order, and the trainer's loop gives it: every rank runs
+sleep -> train -> wake weights -> sync its own shard -> reset its prefix cache -> wake KV -> generate, and the first
+TP all-reduce inside generate waits for the slowest rank. Each rank must reset its prefix cache in the same sync (its
+scheduler decides from it which tokens to compute, and the group's schedulers must agree), which sync_weights does.
 
 CPU linear layers: vLLM's CPU build packs every linear weight into an opaque oneDNN handle and drops the tensor;
 re-packing after an update costs ~5x a plain copy per sync (that is most of what `reload_weights` spends). With
@@ -34,6 +46,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from qlfast.rollout.cpu_linear import use_plain_cpu_linear
+from qlfast.rollout.tp import concat, gather, my_slice, tp_layout
 
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -73,6 +88,9 @@ class EngineConfig:
     """CPU only: keep plain linear weights (F.linear) so syncs are in-place copies; False keeps oneDNN packing."""
     load_format: str = "auto"
     """vLLM load format; "dummy" starts from random weights (benchmarks that push their own weights)."""
+    tensor_parallel_size: int = 1
+    """Ranks per engine (torchrun only): groups of this many consecutive ranks share one engine (qlfast/rollout/tp.py);
+    `seed` must then be the same on every rank of a group."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for vllm.LLM, passed through unchanged."""
 
@@ -151,15 +169,19 @@ class RolloutEngine:
         self.asleep = False  # KV cache released: no generation
         self.weights_asleep = False  # weights released: no sync
         self.external_launcher = under_torchrun()
+        self.tp_size, self.tp_rank, self.tp_group = int(cfg.tensor_parallel_size), 0, None
+        if self.tp_size > 1:
+            if not self.external_launcher:
+                raise ValueError(f"RolloutEngine: tensor_parallel_size={self.tp_size} spans torchrun ranks (vLLM's "
+                                 "external_launcher); launch with `torchrun --nproc_per_node=N ...`")
+            tp_layout(int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), self.tp_size)
         if not self.external_launcher:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not on_gpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(cfg.cpu_kv_cache_gib)))
             if cfg.cpu_plain_linear:
-                from qlfast.rollout.weight_sync import use_plain_cpu_linear
-
                 use_plain_cpu_linear()
-        kwargs = dict(model=self.model_dir, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=1,
+        kwargs = dict(model=self.model_dir, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=self.tp_size,
                       enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
                       enable_prefix_caching=cfg.enable_prefix_caching, logprobs_mode=cfg.logprobs_mode,
                       skip_tokenizer_init=cfg.skip_tokenizer_init, load_format=cfg.load_format, **cfg.extra)
@@ -179,6 +201,16 @@ class RolloutEngine:
                                    f"settings: {kwargs}") from e
         self._model = None
         self._sync_plan = None
+        if self.tp_size > 1:
+            from vllm.distributed.parallel_state import get_tp_group
+
+            group = get_tp_group()
+            self.tp_rank, self.tp_group = group.rank_in_group, group.cpu_group
+            # unseeded requests draw from the engine's generator: the group's copies must draw alike to stay in step
+            seeds = gather(cfg.seed, self.tp_group)
+            if len(set(seeds)) > 1:
+                raise ValueError(f"RolloutEngine: EngineConfig.seed differs across the ranks of one TP group "
+                                 f"({seeds}); give every rank of a group the same seed")
 
     # --- engine internals used by weight_sync / parity -------------------------------------------------------------
 
@@ -194,6 +226,30 @@ class RolloutEngine:
         return self.llm.llm_engine.model_config.dtype
 
     # --- generation ------------------------------------------------------------------------------------------------
+
+    def _submit(self, prompts: list, specs: list[tuple]) -> list:
+        """vLLM's outputs for (prompt, spec) pairs, in order. Under TP the group's pairs are gathered, submitted as
+        one call, and this rank's outputs returned (a collective of the group, also with no prompts here)."""
+        from vllm import SamplingParams
+
+        mine = list(zip(prompts, specs))
+        if self.tp_size > 1:
+            requests, offsets = concat(gather(mine, self.tp_group))
+        else:
+            requests, offsets = mine, [0, len(mine)]
+        if not requests:
+            return []
+        params = []
+        for _, spec in requests:
+            if spec[0] == "sample":
+                _, n, s = spec
+                params.append(SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                             seed=s.seed, stop_token_ids=list(s.stop_token_ids), logprobs=0,
+                                             detokenize=False))
+            else:  # "prompt_logprobs": raw log-probs of the prompt's own next tokens
+                params.append(SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False))
+        outputs = self.llm.generate([p for p, _ in requests], params, use_tqdm=False)
+        return my_slice(outputs, offsets, self.tp_rank if self.tp_size > 1 else 0)
 
     def _prompts(self, prompts: Sequence[str | Sequence[int]]) -> list:
         if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence):
@@ -215,18 +271,16 @@ class RolloutEngine:
 
     def generate(self, prompts: Sequence[str | Sequence[int]], n: int = 1,
                  sampling: SamplingConfig | None = None) -> list[list[Sample]]:
-        """n samples per prompt, in prompt order; each carries the weight version it was generated with."""
-        from vllm import SamplingParams
-
+        """n samples per prompt, in prompt order; each carries the weight version it was generated with. Under TP a
+        collective of the group: every rank passes its own prompts (possibly none) and gets its own samples."""
         s = sampling or SamplingConfig()
         if n < 1:
             raise ValueError(f"generate: n must be >= 1, got {n}")
         if self.asleep:
             raise RuntimeError("generate: the engine is asleep; call wake_up() (after the weight sync) first")
-        params = SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed,
-                                stop_token_ids=list(s.stop_token_ids), logprobs=0, detokenize=False)
         version = self.weight_version
-        outputs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
+        prompts = self._prompts(prompts)
+        outputs = self._submit(prompts, [("sample", n, s)] * len(prompts))
         groups = []
         for out in outputs:
             group = []
@@ -239,11 +293,10 @@ class RolloutEngine:
         return groups
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Raw engine log-probs of token t+1 given tokens <= t, for each sequence: (T-1,) fp32 each."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate(self._prompts(token_ids), params, use_tqdm=False)
+        """Raw engine log-probs of token t+1 given tokens <= t, for each sequence: (T-1,) fp32 each (a collective of
+        the group under TP, like generate)."""
+        prompts = self._prompts(token_ids)
+        outputs = self._submit(prompts, [("prompt_logprobs",)] * len(prompts))
         result = []
         for ids, out in zip(token_ids, outputs):
             ids = [int(t) for t in ids]
@@ -268,8 +321,7 @@ class RolloutEngine:
         if tags is None or "weights" in tags:
             self.weights_asleep = False
         if tags is None or "kv_cache" in tags:
-            self.asleep = False  # KV cache released: no generation
-        self.weights_asleep = False  # weights released: no sync
+            self.asleep = False
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()

@@ -12,19 +12,28 @@ Step ordering around one RL step (colocated: trainer and engine share the device
     check_parity(engine, model, some_token_ids)         # every k steps (qlfast.rollout.parity)
 
 Algorithm of sync_weights. vLLM fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (the model's
-`packed_modules_mapping`); with tensor_parallel_size=1 each HF tensor is a row range of one engine parameter. A plan
-built once maps every HF name to (engine parameter, row range); a sync is then one `copy_` per tensor into that
-view, cast to the engine dtype on the way (no per-tensor weight_loader calls, no re-processing, no allocation).
-Names the plan does not know go, in buckets of at most `bucket_bytes`, through the model's own
-`load_weights(...)`; an engine whose parameters are not plain tensors (quantized, or CPU oneDNN-packed with
-`cpu_plain_linear=False`) takes vLLM's `reload_weights` for everything.
+`packed_modules_mapping`). A plan built once per engine picks one of three ways:
 
-FSDP2: a DTensor parameter is gathered with `full_tensor()` (a collective: every rank runs the same sync, each
-rank's engine receives the full weights) one parameter at a time, copied, and dropped, so the extra memory is one
-full parameter (plus one fallback bucket), never the whole model.
+- copy (tensor_parallel_size=1, plain parameters): each HF tensor is a row range of one engine parameter; the plan maps
+  every HF name to that view and a sync is one `copy_` per tensor, cast to the engine dtype on the way (no per-tensor
+  weight_loader calls, no re-processing, no allocation).
+- loader (tensor_parallel_size > 1): each engine rank holds a shard (column-parallel q/k/v, gate/up and vocabulary
+  rows; row-parallel o_proj / down_proj columns; KV heads replicated when tp > num_kv_heads). Full HF tensors go, in
+  buckets of at most `bucket_bytes`, through the model's own `load_weights`, whose per-layer weight loaders narrow
+  each one to this rank's shard and copy it in place; the bucket is then dropped. The plan keeps the full (unsharded)
+  shape of every HF name, from the engine's layer attributes, so names and shapes are checked before the first copy
+  (the loaders' narrow() would accept a tensor that is too large along the sharded dimension).
+- reload (quantized, renamed, or CPU oneDNN-packed parameters with `cpu_plain_linear=False`): everything through
+  vLLM's `reload_weights` at once.
 
-Errors: a name the engine does not know, or a shape that does not fit its slot, raises WeightSyncError naming it;
-when the source is an nn.Module, names and (global) shapes are all checked before the first copy.
+FSDP2: a DTensor parameter is gathered with `full_tensor()`, a collective: every rank runs the same sync over the
+same parameters in the same order, and each rank's engine (shard) takes what it needs from the full tensor. The extra
+memory is one full parameter in copy mode and one bucket in loader mode (`SyncStats.max_bucket_bytes`), never the
+whole model; without FSDP2 the trainer's own tensors are handed over and nothing is copied beyond the engine's
+shard.
+
+Errors: a name the engine does not know, or a shape that does not fit, raises WeightSyncError naming it; when the
+source is an nn.Module or a dict, names and (global) shapes are all checked before the first copy.
 """
 
 from __future__ import annotations
@@ -49,55 +58,30 @@ class WeightSyncError(ValueError):
 class SyncStats:
     seconds: float
     bytes: int
-    """Bytes written into the engine (engine dtype)."""
+    """Bytes of the synced tensors in the engine dtype (full tensors: under TP each rank keeps its shard of them)."""
     tensors: int
     fast_tensors: int
-    """Tensors copied straight into engine parameters."""
+    """Tensors copied straight into engine parameters (copy mode)."""
     fallback_tensors: int
-    """Tensors that went through vLLM's load_weights / reload_weights."""
+    """Tensors that went through vLLM's weight loaders (load_weights under TP, reload_weights for packed engines)."""
     version: int
     """The engine's weight version after the sync."""
+    mode: str = "copy"
+    """How the plan synced: copy, loader (TP) or reload (module docstring)."""
+    max_bucket_bytes: int = 0
+    """The most bytes of full source tensors held at once (one tensor in copy mode, one bucket in loader mode)."""
 
 
-# --- CPU: keep plain linear weights -----------------------------------------------------------------------------------
-
-_PLAIN_CPU_LINEAR_INSTALLED = False
-
-
-def use_plain_cpu_linear() -> None:
-    """Make vLLM's CPU linear layers keep their weight tensor and call F.linear on it (idempotent, process-wide).
-
-    vLLM's CPU build otherwise replaces each linear weight by a oneDNN/sgl packed handle (the tensor becomes shape
-    (0,)), so new weights need a re-pack per layer (~5x a copy). The replacement is installed before the engine
-    loads; it affects engines created afterwards in this process. Non-2D weights keep vLLM's own handling.
-    """
-    global _PLAIN_CPU_LINEAR_INSTALLED
-    if _PLAIN_CPU_LINEAR_INSTALLED:
-        return
-    import vllm.model_executor.layers.utils as vllm_layer_utils
-
-    packed_dispatch = vllm_layer_utils.dispatch_cpu_unquantized_gemm
-
-    def plain_dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
-        if layer.weight.is_meta or layer.weight.ndim != 2:
-            return packed_dispatch(layer, remove_weight)
-        # the layer passes its current `weight` at call time, so an in-place copy into it is seen by the next GEMM
-        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
-
-    # vLLM imports this name inside process_weights_after_loading at call time, so replacing the attribute suffices
-    vllm_layer_utils.dispatch_cpu_unquantized_gemm = plain_dispatch
-    _PLAIN_CPU_LINEAR_INSTALLED = True
-
-
-# --- the plan: HF name -> engine parameter row range -----------------------------------------------------------------
+# --- the plan: HF name -> engine parameter view, or the full shape the TP weight loaders expect ----------------------
 
 
 @dataclass
 class _Plan:
-    slots: dict  # hf name -> (tensor view to copy into)
+    mode: str  # "copy" | "loader" | "reload" (module docstring)
+    slots: dict  # copy: hf name -> view of the engine parameter to copy into
+    shapes: dict  # copy and loader: hf name -> the full (unsharded) shape the engine expects
     skip: frozenset  # HF names the engine ties to another parameter (lm_head.weight with tied embeddings)
-    fast: bool  # False: every tensor goes through vLLM's reload_weights
-    why_slow: str
+    why: str  # why not "copy"
 
 
 def _renames(mapper) -> bool:
@@ -109,38 +93,76 @@ def _renames(mapper) -> bool:
     return any(getattr(mapper, f, None) for f in fields)
 
 
+def _full_rows_cols(module: torch.nn.Module, param: torch.Tensor) -> tuple[list[int], int | None] | None:
+    """The unsharded output rows of each fused part of a vLLM parallel layer's parameter, and its input columns
+    (None for 1-D); None when the parameter is not tensor-parallel (replicated as is)."""
+    from vllm.model_executor.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    cols = None
+    if isinstance(module, VocabParallelEmbedding):
+        rows, cols = [module.org_vocab_size], module.embedding_dim
+    elif isinstance(module, QKVParallelLinear):
+        q, kv = module.total_num_heads * module.head_size, module.total_num_kv_heads
+        rows, cols = [q, kv * module.head_size, kv * module.v_head_size], module.input_size
+    elif isinstance(module, MergedColumnParallelLinear):
+        rows, cols = list(module.output_sizes), module.input_size
+    elif isinstance(module, LinearBase):
+        rows, cols = [module.output_size], module.input_size
+    else:
+        return None
+    return rows, (cols if param.dim() == 2 else None)
+
+
 def _build_plan(engine: RolloutEngine) -> _Plan:
     model = engine.model
     mcfg = engine.llm.llm_engine.model_config
     hf_cfg = mcfg.hf_config.get_text_config() if hasattr(mcfg.hf_config, "get_text_config") else mcfg.hf_config
     skip = frozenset({"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else ())
     packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
-    slots, why_slow = {}, ""
+    why = ""
     if getattr(mcfg, "quantization", None):
-        why_slow = f"quantized engine ({mcfg.quantization})"
+        why = f"quantized engine ({mcfg.quantization})"
     elif _renames(getattr(model, "hf_to_vllm_mapper", None)):
-        why_slow = "model renames checkpoint weights (hf_to_vllm_mapper)"
-    for pname, param in model.named_parameters():
-        if why_slow:
-            break
-        module_name, _, leaf = pname.rpartition(".")
+        why = "model renames checkpoint weights (hf_to_vllm_mapper)"
+    elif any(p.numel() == 0 for p in model.parameters()):
+        why = "engine parameters are packed (CPU oneDNN; EngineConfig.cpu_plain_linear=False)"
+    if why:
+        return _Plan("reload", {}, {}, skip, why)
+    tp = engine.tp_size
+    slots, shapes = {}, {}
+    for module_name, module in model.named_modules():
         parent, _, short = module_name.rpartition(".")
-        if param.numel() == 0:
-            why_slow = f"engine parameter {pname} is packed (CPU oneDNN; EngineConfig.cpu_plain_linear=False)"
-            break
-        data = param.data
-        if short in packed:
-            sizes = list(getattr(model.get_submodule(module_name), "output_sizes", []) or [])
-            if len(sizes) != len(packed[short]) or sum(sizes) != data.shape[0]:
-                why_slow = f"cannot split {pname} {tuple(data.shape)} into {packed[short]} (tensor parallel?)"
-                break
-            start = 0
-            for sub, size in zip(packed[short], sizes):
-                slots[f"{parent}.{sub}.{leaf}" if parent else f"{sub}.{leaf}"] = data.narrow(0, start, size)
-                start += size
-        else:
-            slots[pname] = data
-    return _Plan(slots=slots, skip=skip, fast=not why_slow, why_slow=why_slow)
+        for leaf, param in module.named_parameters(recurse=False):
+            data = param.data
+            parts = packed.get(short)
+            if tp > 1:
+                full = _full_rows_cols(module, data)
+                if full is None:  # replicated on every rank (norms)
+                    shapes[f"{module_name}.{leaf}"] = tuple(data.shape)
+                    continue
+                rows, cols = full
+                tail = (cols,) if cols is not None else ()
+                if parts and len(parts) == len(rows):
+                    for sub, r in zip(parts, rows):
+                        shapes[f"{parent}.{sub}.{leaf}" if parent else f"{sub}.{leaf}"] = (r, *tail)
+                else:
+                    shapes[f"{module_name}.{leaf}"] = (sum(rows), *tail)
+                continue
+            if parts:
+                sizes = list(getattr(module, "output_sizes", []) or [])
+                if len(sizes) != len(parts) or sum(sizes) != data.shape[0]:
+                    return _Plan("reload", {}, {}, skip, f"cannot split {module_name}.{leaf} {tuple(data.shape)} "
+                                                         f"into {parts}")
+                start = 0
+                for sub, size in zip(parts, sizes):
+                    slots[f"{parent}.{sub}.{leaf}" if parent else f"{sub}.{leaf}"] = data.narrow(0, start, size)
+                    start += size
+            else:
+                slots[f"{module_name}.{leaf}"] = data
+    if tp > 1:
+        return _Plan("loader", {}, shapes, skip, f"tensor_parallel_size={tp}: vLLM's weight loaders take each shard")
+    return _Plan("copy", slots, {n: tuple(v.shape) for n, v in slots.items()}, skip, "")
 
 
 def _plan(engine: RolloutEngine) -> _Plan:
@@ -156,16 +178,16 @@ def hf_name(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
-def _check_slot(plan: _Plan, name: str, shape: tuple) -> None:
-    slot = plan.slots.get(name)
-    if slot is None:
-        if plan.fast:
-            raise WeightSyncError(f"sync_weights: the engine has no weight named {name!r} (engine names look like "
-                                  f"{next(iter(plan.slots), '?')!r})")
+def _check(plan: _Plan, name: str, shape: tuple) -> None:
+    if plan.mode == "reload":  # vLLM's own loaders check what they load
         return
-    if tuple(slot.shape) != tuple(shape):
+    want = plan.shapes.get(name)
+    if want is None:
+        raise WeightSyncError(f"sync_weights: the engine has no weight named {name!r} (engine names look like "
+                              f"{next(iter(plan.shapes), '?')!r})")
+    if tuple(want) != tuple(shape):
         raise WeightSyncError(f"sync_weights: weight {name!r} has shape {tuple(shape)} but the engine expects "
-                              f"{tuple(slot.shape)}")
+                              f"{tuple(want)}")
 
 
 def _named_tensors(source) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
@@ -186,7 +208,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _load_fallback(engine: RolloutEngine, bucket: list) -> None:
+def _load_bucket(engine: RolloutEngine, bucket: list) -> None:
     names = [n for n, _ in bucket]
     # vLLM's load_weights looks each name up in its parameter dict: an unknown name is a KeyError naming it
     try:
@@ -198,23 +220,24 @@ def _load_fallback(engine: RolloutEngine, bucket: list) -> None:
     if loaded is not None and not loaded:
         raise WeightSyncError(f"sync_weights: the engine loaded none of {names}")
 
+
 def sync_weights(engine: RolloutEngine, source, *, bucket_bytes: int = 512 << 20,
                  version: int | None = None) -> SyncStats:
     """Copy `source` (an nn.Module, possibly FSDP2-sharded, a state dict, or an iterable of (HF name, tensor)) into
-    the engine's parameters in place; reset the prefix cache; set the weight version (default: previous + 1)."""
+    the engine's parameters in place (under TP: this rank's shard of each); reset the prefix cache; set the weight
+    version (default: previous + 1). A collective when `source` holds DTensors."""
     if engine.sleep_enabled and engine.weights_asleep:
         raise RuntimeError("sync_weights: the engine's weights are asleep; call engine.wake_up(['weights']) first")
     plan = _plan(engine)
     items, known = _named_tensors(source)
     if known:
         items = [(hf_name(n), t) for n, t in items]
-        if plan.fast:
-            for name, t in items:
-                if name not in plan.skip:
-                    _check_slot(plan, name, tuple(t.shape))
+        for name, t in items:
+            if name not in plan.skip:
+                _check(plan, name, tuple(t.shape))
     t0 = time.perf_counter()
-    n_bytes = n_fast = n_fallback = n_total = 0
-    bucket, bucket_size, slow_all = [], 0, []
+    n_bytes = n_fast = n_loader = n_total = 0
+    bucket, bucket_size, max_bucket, reload_all = [], 0, 0, []
     with torch.no_grad():
         for raw_name, tensor in items:
             name = hf_name(raw_name)
@@ -222,41 +245,43 @@ def sync_weights(engine: RolloutEngine, source, *, bucket_bytes: int = 512 << 20
             if name in plan.skip:
                 _full(tensor)  # still a collective for sharded params: every rank must take part
                 continue
-            if plan.fast and not known:
-                _check_slot(plan, name, tuple(tensor.shape))
+            if not known:
+                _check(plan, name, tuple(tensor.shape))
             full = _full(tensor)
-            slot = plan.slots.get(name) if plan.fast else None
-            if slot is not None:
-                slot.copy_(full)
+            size = full.numel() * full.element_size()
+            n_bytes += full.numel() * engine.dtype.itemsize
+            if plan.mode == "copy":
+                plan.slots[name].copy_(full)
                 n_fast += 1
-                n_bytes += slot.numel() * slot.element_size()
+                max_bucket = max(max_bucket, size)
                 continue
-            # unmapped: the slow path, in bounded buckets (or all at once for reload_weights)
-            full = full.to(engine.dtype)
-            n_fallback += 1
-            n_bytes += full.numel() * full.element_size()
-            if not plan.fast:
-                slow_all.append((name, full))
+            n_loader += 1
+            if plan.mode == "reload":
+                reload_all.append((name, full.to(engine.dtype)))
                 continue
             bucket.append((name, full))
-            bucket_size += full.numel() * full.element_size()
+            bucket_size += size
+            max_bucket = max(max_bucket, bucket_size)
             if bucket_size >= bucket_bytes:
-                _load_fallback(engine, bucket)
+                _load_bucket(engine, bucket)
                 bucket, bucket_size = [], 0
         if bucket:
-            _load_fallback(engine, bucket)
-        if slow_all:
+            _load_bucket(engine, bucket)
+        del bucket
+        if reload_all:
+            max_bucket = sum(t.numel() * t.element_size() for _, t in reload_all)
             try:
-                engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": slow_all})
+                engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": reload_all})
             except Exception as e:
-                raise WeightSyncError(f"sync_weights: vLLM reload_weights failed ({plan.why_slow}): "
+                raise WeightSyncError(f"sync_weights: vLLM reload_weights failed ({plan.why}): "
                                       f"{type(e).__name__}: {e}") from e
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     engine.reset_prefix_cache()
     engine.weight_version = engine.weight_version + 1 if version is None else int(version)
     return SyncStats(seconds=time.perf_counter() - t0, bytes=n_bytes, tensors=n_total, fast_tensors=n_fast,
-                     fallback_tensors=n_fallback, version=engine.weight_version)
+                     fallback_tensors=n_loader, version=engine.weight_version, mode=plan.mode,
+                     max_bucket_bytes=max_bucket)
 
 
 def wake_and_sync(engine: RolloutEngine, source, **kwargs) -> SyncStats:

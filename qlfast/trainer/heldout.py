@@ -20,11 +20,15 @@ def accuracy(ctx, stage: str, step: int) -> dict:
     mine = list(range(env.rank, len(ds.heldout), env.world))
     examples, prompts = [ds.heldout[i] for i in mine], [ds.heldout_prompt_ids[i] for i in mine]
     k = cfg.train.eval_samples
+    # a TP engine's generate is a collective of its group: one call per rank and pass, whatever its share
+    batch = {"batch_prompts": max(1, comm.max_int(len(mine)))} if ctx.engine.tp_size > 1 else {}
+    for _ in range(2 if batch and not examples else 0):  # no questions here: join the sampled and greedy calls
+        ctx.engine.generate([])
     sampled = evaluate(ctx.engine, ctx.tokenizer, examples, prompts, ctx.reward, n=k,
                        temperature=cfg.train.eval_temperature, top_p=cfg.train.eval_top_p,
-                       max_new_tokens=max_new_tokens, seed=cfg.train.seed + 17)
+                       max_new_tokens=max_new_tokens, seed=cfg.train.seed + 17, **batch)
     greedy = evaluate(ctx.engine, ctx.tokenizer, examples, prompts, ctx.reward, n=1, temperature=0.0,
-                      max_new_tokens=max_new_tokens)
+                      max_new_tokens=max_new_tokens, **batch)
     sampled = [r for part in comm.all_gather_objects(sampled) for r in part]
     greedy = [r for part in comm.all_gather_objects(greedy) for r in part]
     s, g = summarize(sampled, k), summarize(greedy, 1)

@@ -80,11 +80,12 @@ class PromptSource:
 def generate_groups(ctx, indices: list[int], *, max_tokens: int, seed: int) -> list[Group]:
     """G = rl.group_size rollouts of each training prompt in `indices` on ctx.engine, scored by ctx.reward; the shaped
     rewards add DAPO's overlong penalty (rl.overlong_window > 0)."""
-    if not indices:
-        return []
     rl, tokenizer, ds, group_size = ctx.cfg.rl, ctx.tokenizer, ctx.ds, ctx.cfg.rl.group_size
     sampling = SamplingConfig(temperature=rl.temperature, top_p=rl.top_p, max_tokens=max_tokens, seed=seed,
                               stop_token_ids=(tokenizer.eos_token_id,))
+    if not indices:
+        ctx.engine.generate([], n=group_size, sampling=sampling)  # a collective under TP: join the group's call
+        return []
     outs = ctx.engine.generate([ds.prompt_ids[i] for i in indices], n=group_size, sampling=sampling)
     samples = [s for g in outs for s in g]
     texts = tokenizer.batch_decode([list(s.token_ids) for s in samples], skip_special_tokens=True)
