@@ -28,7 +28,7 @@ from qlfast.rl.curriculum import Curriculum, Phase
 from qlfast.rl.retrospective import DifficultyTable, RetrospectiveConfig, RetrospectiveSampler
 from qlfast.rollout.engine import EngineConfig, RolloutEngine
 from qlfast.rollout.weight_sync import wake_and_sync
-from qlfast.trainer import build, checkpoint, dist, optim, rl_step, sft, sp
+from qlfast.trainer import build, checkpoint, dist, optim, precision, reference, rl_step, sft, sp
 from qlfast.trainer.logger import MetricsLogger
 from qlfast.trainer.report import write_report
 
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     phases = [Phase(p.max_prompt_tokens, p.max_response_tokens, steps=p.steps) for p in cfg.rl.phases]
     tokenizer, model = build.tokenizer_and_model(cfg, env.device)
-    if env.fsdp:
-        dist.shard_model(model, env, cpu_offload=cfg.model.optimizer_offload)
+    if env.fsdp:  # fp32 shards, bf16 compute; a checkpoint (built on meta) fills each rank's shards
+        dist.shard_model(model, env, cpu_offload=cfg.model.optimizer_offload,
+                         param_dtype=precision.param_dtype(cfg.model), weights=cfg.model.path)
     try:
         ds = build.datasets(cfg, tokenizer, phases)
     except FileNotFoundError as e:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         if env.fsdp:  # sharded model + RL optimizer (checkpoints are written from the end of SFT on)
             checkpoint.load_sharded(ckpt / "dcp", model, rl_opt)
         else:
-            model.load_state_dict(trainer_state["model"])
+            precision.load_state_dict(model, trainer_state["model"])  # the fp32 masters, when bf16 computes
             sft_opt.load_state_dict(trainer_state["sft_opt"])
             rl_opt.load_state_dict(trainer_state["rl_opt"])
         sft_sched.load_state_dict(trainer_state["sft_sched"])
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer_state = {"sft_sched": sft_sched.state_dict(), "rl_sched": rl_sched.state_dict(),
                          "rng": checkpoint.rng_state()}
         if not env.fsdp:  # under FSDP2 the model and the RL optimizer go to the sharded dcp/ files instead
-            trainer_state.update(model=model.state_dict(), sft_opt=sft_opt.state_dict(), rl_opt=rl_opt.state_dict())
+            trainer_state.update(model=precision.state_dict(model), sft_opt=sft_opt.state_dict(),  # fp32 masters
+                                 rl_opt=rl_opt.state_dict())
         checkpoint.save(run_dir, tag, save_model=lambda d: build.export(model, d, tokenizer, env), state=state,
                         trainer_state=trainer_state, sharded=(model, rl_opt) if env.fsdp else None)
 
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                                              logger))
 
     # ---- 2-3. phased RL ---------------------------------------------------------------------------------------------
+    ref = reference.build(model, cfg, env, run_dir, tokenizer, state["rl_step"])  # the KL's, when kl_coef > 0
     model.train()
     for step in range(state["rl_step"], curriculum.total_steps):
         phase_i = curriculum.phase_of(step)
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         upd = rl_step.policy_update(model, rl_opt, rl_sched, kept, env, rl=cfg.rl,
                                     mini_batches=max(1, cfg.rl.batch_size // cfg.rl.mini_batch_size),
                                     max_response_tokens=phase.max_response_tokens,
-                                    backend=cfg.model.logprob_backend)
+                                    backend=cfg.model.logprob_backend, reference=ref)
         t2 = time.perf_counter()
         state["bad_steps"] = 0 if upd.pop("finite") else state["bad_steps"] + 1
         if state["bad_steps"]:
