@@ -84,3 +84,28 @@ def test_sft_step_moves_masters_and_working_copy_together():
     assert ok and norm > 0
     for w, mst in zip(model.parameters(), precision.trainable(model)):
         assert torch.equal(w, mst.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--model.dtype=float32", "--model.master_dtype=bfloat16"], "must be --model.dtype=float32 or wider"),
+    (["--model.dtype=bfloat16", "--model.master_dtype=float16"], "must be --model.dtype=bfloat16 or wider"),
+    (["--model.master_dtype=fp8"], "--model.master_dtype must be one of"),
+    (["--rl.kl_type=k4"], "--rl.kl_type k1, k2 or k3"),
+    (["--rl.ref_offload=true"], "needs --model.fsdp=true"),
+    (["--rollout.engine=vllm"], "unknown field 'engine'"),  # removed: nothing read it
+])
+def test_precision_and_kl_fields_are_checked_at_parse_time(args, msg, capsys):
+    from qlfast import config
+
+    with pytest.raises(SystemExit):
+        config.from_args(args)
+    assert msg in capsys.readouterr().err
+
+
+def test_bf16_with_fp32_masters_is_the_default_split():
+    from qlfast import config
+
+    cfg = config.from_args(["--model.dtype=bfloat16"])
+    assert cfg.model.master_dtype == "float32" and precision.param_dtype(cfg.model) == torch.bfloat16
+    cfg = config.from_args(["--model.dtype=bfloat16", "--model.master_dtype=bfloat16"])
+    assert precision.param_dtype(cfg.model) is None
