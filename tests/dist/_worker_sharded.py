@@ -20,8 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from qlfast.model import ModelOptions, QwenForCausalLM
 from qlfast.model.config import load_config
-from qlfast.parallel.fsdp import apply_fsdp, full_state_dict
-from qlfast.parallel.sharded_load import load_sharded
+from qlfast.parallel.fsdp import full_state_dict
 from qlfast.testing import rel_err
 
 
@@ -40,12 +39,14 @@ def _reset_peak() -> int:
     return _status("VmRSS:")
 
 
-def _sharded(path, mesh, dtype=torch.float32, **fsdp):
+def _sharded(path, mesh, dtype=torch.float32, param_dtype=None):
+    """The trainer's way: a meta model, then dist.shard_model(weights=path) (apply_fsdp + load_sharded)."""
+    from qlfast.trainer import dist as tdist
+
     with torch.device("meta"):
         model = QwenForCausalLM(load_config(path), ModelOptions(attn_backend="sdpa")).to(dtype)
-    apply_fsdp(model, mesh, **fsdp)
-    load_sharded(model, path, "cpu")
-    return model
+    env = tdist.Env(dist.get_rank(), dist.get_world_size(), dist.get_rank(), torch.device("cpu"), fsdp=True)
+    return tdist.shard_model(model, env, param_dtype=param_dtype, weights=path)
 
 
 def _file_tensors(path) -> dict:
@@ -125,6 +126,10 @@ def _groups(rank: int, vocab: int):
     return out
 
 
+def _full_grad(p):
+    return (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+
+
 def run_reference(policy_dir: str, ref_dir: str):
     from qlfast.config import Config
     from qlfast.trainer import optim, reference
@@ -145,17 +150,16 @@ def run_reference(policy_dir: str, ref_dir: str):
         ref = reference.load(ref_dir, policy, cfg, env)
         assert all(not p.requires_grad for p in ref.parameters())
         assert fsdp == hasattr(next(ref.parameters()), "full_tensor")
-        calls = {"policy": 0, "ref": 0}
-        policy.register_forward_pre_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
-        ref.register_forward_pre_hook(lambda *a: calls.__setitem__("ref", calls["ref"] + 1))
-        params = list(policy.parameters())
-        opt = torch.optim.SGD(params, lr=0.0)
+        calls = {"policy": [], "ref": []}
+        policy.register_forward_pre_hook(lambda *a, c=calls["policy"]: c.append(1))
+        ref.register_forward_pre_hook(lambda *a, c=calls["ref"]: c.append(1))
+        opt = torch.optim.SGD(list(policy.parameters()), lr=0.0)
         seen = {}
-        opt.register_step_pre_hook(lambda o, a, k: seen.update(
-            g=[(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone() for p in params]))
+        opt.register_step_pre_hook(lambda o, a, k, seen=seen: seen.update(g=[_full_grad(p) for p in
+                                                                              o.param_groups[0]["params"]]))
         m = policy_update(policy, opt, optim.schedule(opt, 0), groups, env, rl=cfg.rl, mini_batches=1,
                           max_response_tokens=16, backend="torch", reference=ref)
-        assert calls["ref"] == calls["policy"] >= 2, calls
+        assert len(calls["ref"]) == len(calls["policy"]) >= 2, calls
         results[fsdp] = (m, seen["g"])
     (m_rep, g_rep), (m_fsdp, g_fsdp) = results[False], results[True]
     assert m_rep["kl_loss"] > 1e-4, m_rep
