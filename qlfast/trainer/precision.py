@@ -60,7 +60,7 @@ class Masters:
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            master = torch.nn.Parameter(p.detach().clone())
+            master = torch.nn.Parameter(p.data)  # the master takes over the storage (no copy)
             with torch.no_grad():
                 p.data = p.data.to(compute)  # the same Parameter object: modules and later hooks keep seeing it
             self.names.append(name)
