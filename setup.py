@@ -1,6 +1,9 @@
 """Builds qlfast._C from csrc/ when the installed torch has CUDA and nvcc is found; otherwise pure Python.
 
-All metadata lives in pyproject.toml; this file only decides about the extension.
+Metadata lives in pyproject.toml; this file decides about the extension and lists the packages: every folder under
+qlfast/ (found, not listed by hand, so a new subpackage cannot be left out of the wheel) and kernels/, installed as
+qlfast.kernels. Never as a top-level `kernels`: that name belongs to Hugging Face's `kernels` package, which
+transformers imports when it finds it.
 Set QLFAST_BUILD_CUDA=0 to skip the extension, =1 to require it.
 """
 
@@ -8,7 +11,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 
 def _cublas(cuda_home):
@@ -75,4 +78,15 @@ if skipped:
     print(f"qlfast: building without the CUDA extension qlfast._C ({skipped}); Triton and torch backends only.",
           file=sys.stderr)
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    """(packages, package_dir): qlfast and every folder below it, and kernels/ (and its folders) as qlfast.kernels."""
+    skip = ["*__pycache__*", "*.egg-info"]
+    qlfast = find_namespace_packages(include=["qlfast", "qlfast.*"], exclude=skip)
+    kernels = ["qlfast.kernels"] + [f"qlfast.kernels.{p}" for p in find_namespace_packages("kernels", exclude=skip)]
+    return qlfast + kernels, {"qlfast.kernels": "kernels"}
+
+
+packages, package_dir = _packages()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, packages=packages, package_dir=package_dir)

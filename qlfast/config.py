@@ -36,7 +36,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     """Longest position the RoPE tables cover."""
     dtype: str = "float32"
-    """Training dtype: float32 on CPU, bfloat16 on GPU."""
+    """Compute dtype of forward and backward (bfloat16 on GPU), and of the HF export and the rollout engine."""
     attention_backend: str = "auto"
     """Attention: auto, triton, cuda, torch (qlfast.ops.flash_attention) or sdpa (per-sequence torch SDPA)."""
     logprob_backend: str = "auto"
@@ -58,6 +58,9 @@ class ModelConfig:
     (Ulysses inside groups of sp_ulysses ranks, ring across them)."""
     sp_ulysses: int = 0
     """With sp_attention=hybrid: ranks per Ulysses group (the GPUs of a node); it must divide sp."""
+    master_dtype: str = "float32"
+    """Master weights and AdamW state (checkpointed); float32 keeps small updates that round away in bf16. Setting it
+    to dtype trains in that dtype alone (bfloat16: pure bf16, knowingly)."""
 
 
 @dataclass
@@ -145,9 +148,9 @@ class RLConfig:
     loss_agg: str = "token-mean"
     """token-mean (DAPO), seq-mean-token-mean (GRPO), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)."""
     kl_coef: float = 0.0
-    """KL penalty against the reference (SFT) policy; 0 disables it and skips the reference pass."""
+    """KL penalty against the reference policy (the policy as RL starts); 0 disables it and skips the reference."""
     kl_type: str = "k3"
-    """KL estimator: k1, k2, k3."""
+    """KL estimator of log(pi / pi_ref) per token: k1, k2, k3 (Schulman 2020; k3 is GRPO's)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
     tis_cap: float | None = 2.0
@@ -168,12 +171,12 @@ class RLConfig:
     """Difficulty rule: inverse (the paper's 1 / mean reward, capped) or one_minus (1 - mean reward)."""
     difficulty_cap: float = 10.0
     """Cap of the inverse difficulty (and its value for examples never solved)."""
+    ref_offload: bool = False
+    """With kl_coef > 0 and model.fsdp: keep the reference policy's shards in pinned CPU memory (GPU only)."""
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "vllm"
-    """Rollout engine: vllm (colocated, in-process)."""
     gpu_memory_utilization: float = 0.35
     """Share of GPU memory vLLM may take for weights + KV cache (GPU only)."""
     cpu_kv_cache_gib: float = 1.0
@@ -421,6 +424,19 @@ def from_args(argv: list[str] | None = None, prog: str = "qlfast.train") -> Conf
             parser.error(str(e))
     if args.resume:
         cfg.train.resume = True
+    widths = {"float16": 2, "bfloat16": 2, "float32": 4}
+    for key in ("dtype", "master_dtype"):
+        if getattr(cfg.model, key) not in widths:
+            parser.error(f"--model.{key} must be one of {', '.join(widths)}, got {getattr(cfg.model, key)!r}")
+    if widths[cfg.model.master_dtype] < widths[cfg.model.dtype] or (
+            widths[cfg.model.master_dtype] == widths[cfg.model.dtype] and cfg.model.master_dtype != cfg.model.dtype):
+        parser.error(f"--model.master_dtype={cfg.model.master_dtype} must be --model.dtype={cfg.model.dtype} or wider "
+                     "(the masters keep what the compute dtype rounds away)")
+    if cfg.rl.kl_coef < 0 or cfg.rl.kl_type not in ("k1", "k2", "k3"):
+        parser.error(f"--rl.kl_coef must be >= 0 and --rl.kl_type k1, k2 or k3, got {cfg.rl.kl_coef}, "
+                     f"{cfg.rl.kl_type!r}")
+    if cfg.rl.ref_offload and not cfg.model.fsdp:
+        parser.error("--rl.ref_offload=true offloads the reference's FSDP2 shards: it needs --model.fsdp=true")
     if cfg.model.optimizer_offload and not cfg.model.fsdp:
         parser.error("--model.optimizer_offload=true offloads FSDP2's sharded state: it needs --model.fsdp=true")
     if cfg.model.sp < 1 or cfg.model.sp_attention not in ("ring", "ulysses", "hybrid"):

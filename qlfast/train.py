@@ -21,7 +21,7 @@ import time
 from qlfast import config as config_mod
 from qlfast.reward.factory import reward_from_config
 from qlfast.rollout.weight_sync import wake_and_sync
-from qlfast.trainer import build, checkpoint, comm, context, heldout, optim, rl_step, sft
+from qlfast.trainer import build, checkpoint, comm, context, heldout, optim, precision, reference, rl_step, sft
 from qlfast.trainer.report import write_report
 from qlfast.trainer.state import TrainState
 
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         rl_opt = optim.adamw(model, cfg.rl.lr, cfg.rl.weight_decay)
         rl_sched = optim.schedule(rl_opt, cfg.rl.warmup_steps)
         state = TrainState()
-        replicated = {} if env.fsdp else {"model": model, "sft_opt": sft_opt, "rl_opt": rl_opt}  # FSDP2: in dcp/
+        # FSDP2: model and RL optimizer in dcp/; replicated: the fp32 masters when bf16 computes
+        replicated = {} if env.fsdp else {"model": precision.Weights(model), "sft_opt": sft_opt, "rl_opt": rl_opt}
         ckpt = checkpoint.Checkpointer(
             ctx.run_dir, shared={"train": state, "curriculum": prompts.curriculum, "difficulty": prompts.difficulty},
             per_rank={**replicated, "sft_sched": sft_sched, "rl_sched": rl_sched, "rng": checkpoint.RNGState()},
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             state.evals.append(heldout.accuracy(ctx, "after SFT", 0))
 
         # ---- 2-3. phased RL -----------------------------------------------------------------------------------------
+        ref = reference.build(model, cfg, env, ctx.run_dir, ctx.tokenizer, state.rl_step)  # the KL's, when kl_coef > 0
         model.train()
         total = prompts.curriculum.total_steps
         for step in range(state.rl_step, total):
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             engine.sleep()  # GPU: release the engine's weights and KV cache for the training step (no-op on CPU)
             upd = rl_step.policy_update(model, rl_opt, rl_sched, kept, env, rl=cfg.rl,
                                         mini_batches=max(1, cfg.rl.batch_size // cfg.rl.mini_batch_size),
-                                        max_response_tokens=max_tokens, backend=cfg.model.logprob_backend)
+                                        max_response_tokens=max_tokens, backend=cfg.model.logprob_backend,
+                                        reference=ref)
             t2 = time.perf_counter()
             if bad := state.count_update(upd.pop("finite")):
                 logger.write(f"step {step}: non-finite loss or gradient, update skipped ({bad} in a row)")

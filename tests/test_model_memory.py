@@ -127,6 +127,26 @@ def test_estimate_parts_7b_60k():
         estimate(cfg, 0)
 
 
+def test_masters_and_adam_are_12_bytes_per_parameter():
+    """fp32 masters (4) + AdamW m, v (8) per parameter before sharding, fp32 gradients (4) beside them; the bf16
+    working copy (2) only without FSDP2; FSDP2 divides the 16 by dp, CPUOffloadPolicy moves them to the host."""
+    cfg = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+               num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072)
+    n = param_count(cfg)
+    p, layer, root = n["total"], n["layer"], n["embed"] + cfg["hidden_size"]
+    mixed = estimate(cfg, 4096, options=MemoryOptions(checkpoint=True))
+    assert mixed["params"] + mixed["optimizer"] == (4 + 8 + 2) * p  # masters, m and v, and the bf16 working copy
+    assert mixed["grads"] == 4 * p + 2 * layer  # fp32 gradients, plus one layer's bf16 gradient before its cast
+    pure = estimate(cfg, 4096, options=MemoryOptions(checkpoint=True, master_bytes=2))
+    assert pure["params"] == 2 * p and pure["grads"] == 2 * p and pure["optimizer"] == 8 * p
+    dp8 = estimate(cfg, 4096, dp=8, options=MemoryOptions(checkpoint=True))
+    assert dp8["params"] == int(4 * p / 8 + 2 * (2 * layer + root))  # fp32 shards + bf16 layers in flight and root
+    assert dp8["optimizer"] == int(8 * p / 8) and dp8["grads"] == int(4 * p / 8 + 6 * layer)
+    off = estimate(cfg, 4096, dp=8, options=MemoryOptions(checkpoint=True, offload_optimizer=True))
+    assert off["optimizer"] == 0 and off["params"] == 2 * (2 * layer + root)
+    assert off["host"] == int(16 * p / 8)
+
+
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     print(json.dumps(_worker(*args)))

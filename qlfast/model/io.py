@@ -4,7 +4,8 @@ Parameter names are HF's own, so loading is a name-for-name copy and saving writ
 AutoModelForCausalLM and vLLM read unchanged. Loading streams one tensor at a time from safetensors (memory: the
 model plus one tensor); the model is built on the meta device first and materialised on the target device, so a 7B
 checkpoint never exists twice in memory. A tied model stores no lm_head.weight (as HF writes it); a checkpoint that
-has one anyway is accepted and the extra tensor is ignored.
+has one anyway is accepted and the extra tensor is ignored. An FSDP2-sharded model loads its shards rank by rank
+instead (qlfast/parallel/sharded_load.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,22 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+def weight_files(path: str, params=None) -> dict[str, str]:
+    """name -> file for every tensor in the checkpoint at `path`; with `params` (names of the model's parameters),
+    checked to hold each of them and nothing the model lacks (a tied model's extra lm_head.weight is accepted)."""
+    files = _weight_files(path)
+    if params is None:
+        return files
+    missing = sorted(set(params) - set(files))
+    if missing:
+        raise ValueError(f"from_pretrained: {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    unexpected = sorted(n for n in set(files) - set(params) if "rotary_emb" not in n and n != "lm_head.weight")
+    if unexpected:
+        raise ValueError(f"from_pretrained: {path} has tensors this model does not: {unexpected[:5]}")
+    return files
+
+
 def _weight_files(path: str) -> dict[str, str]:
-    """name -> file for every tensor in the checkpoint at `path`."""
     index = os.path.join(path, INDEX)
     if os.path.exists(index):
         with open(index) as f:
@@ -47,14 +62,7 @@ def load_weights(model, path, *, dtype=None, device=None) -> None:
     path = os.fspath(path)
     device = torch.device(device or "cpu")
     dtype = dtype or _config_dtype(model.config) or torch.float32
-    files = _weight_files(path)
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(files))
-    if missing:
-        raise ValueError(f"from_pretrained: {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
-    unexpected = sorted(n for n in set(files) - set(params) if "rotary_emb" not in n and n != "lm_head.weight")
-    if unexpected:
-        raise ValueError(f"from_pretrained: {path} has tensors this model does not: {unexpected[:5]}")
+    files = weight_files(path, dict(model.named_parameters()))
     model.to(dtype)  # still on meta: free; then allocate once, in the final dtype
     model.to_empty(device=device)
     params = dict(model.named_parameters())  # to_empty made new Parameter objects

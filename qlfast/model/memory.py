@@ -4,12 +4,20 @@
     parts["total"] / 2**30  # GiB on each device; parts["host"]: pinned CPU memory for offloaded checkpoints
 
 T = seq_len / sp tokens per rank, b = activation bytes, H hidden, I intermediate, Hq/Hkv heads of size D, L layers,
-P parameters (P_l per layer), V vocab. Parts (bytes per rank):
+P parameters (P_l per layer, P_e in embedding + head + final norm), V vocab, dp = FSDP2 shards. b_p = bytes of the
+compute-dtype parameters (2, bf16), b_m = bytes of the master weights (4: fp32 masters, qlfast/trainer/precision.py;
+b_m = b_p: no separate masters), b_g = bytes of the gradients the optimizer sees (default b_m), s = optimizer state
+(8: AdamW m and v in fp32). Masters and AdamW are b_m + s = 12 bytes per parameter before sharding, 16 with their
+fp32 gradients. Parts (bytes per rank):
 
-  params      P b_p / dp            (+ 2 P_l b_p all-gathered layers in flight under FSDP, dp > 1)
-  grads       P b_g / dp            (+ P_l b_g for the unsharded gradient of the layer being reduced, dp > 1)
-  optimizer   P s / dp              (s = bytes of optimizer state per parameter, 8 for fp32 AdamW m and v;
-                                     0 when the optimizer state is offloaded to the CPU)
+  params      P b_m / dp            masters (the FSDP2 shards; 0 on the device with CPUOffloadPolicy)
+              + P b_p               replicated (dp = 1) with b_m > b_p: the compute-dtype working copy
+              + (2 P_l + P_e) b_p   all-gathered layers in flight and the root, which stays gathered through the
+                                    step (dp > 1 or CPUOffloadPolicy)
+  grads       P b_g / dp            fp32 gradients of the masters (0 on the device with CPUOffloadPolicy)
+              + P_l (b_p + 4)       dp > 1: the compute-dtype gradient of the layer being reduced and its fp32 copy
+                                    (reduce_dtype); dp = 1 with b_m > b_p: P_l b_p before the hook casts it
+  optimizer   P s / dp              (0 on the device with CPUOffloadPolicy, which steps AdamW on the host)
   checkpoints L T H b               (checkpointing: one saved input per layer; 0 on the device with offload,
                                      2 T H b in flight for the prefetch; without checkpointing it is L times the
                                      activations one layer saves for its backward, S_* counts in the code)
@@ -42,15 +50,15 @@ class MemoryOptions:
     """What the step does; byte sizes are per element."""
 
     param_bytes: int = 2
-    """bytes per parameter (2 for bf16, 4 for fp32)."""
+    """bytes per compute-dtype parameter (2 for bf16, 4 for fp32)."""
     grad_bytes: int | None = None
-    """bytes per gradient element (default: param_bytes)."""
+    """bytes per gradient element the optimizer sees (default: master_bytes, else param_bytes)."""
     act_bytes: int | None = None
     """bytes per activation element (default: param_bytes)."""
     optimizer_bytes: int = 8
     """optimizer state per parameter: 8 = AdamW m and v in fp32, 0 = no optimizer (fwd+bwd only)."""
     offload_optimizer: bool = False
-    """optimizer state lives in CPU memory."""
+    """FSDP2 CPUOffloadPolicy: the sharded masters, their gradients and the optimizer state live in CPU memory."""
     checkpoint: bool = True
     """per-layer activation checkpointing."""
     offload: bool = False
@@ -63,6 +71,9 @@ class MemoryOptions:
     attn_workspace_bytes: int = 0
     """attention working memory beyond q/k/v/out/lse: 0 for flash/triton kernels; the torch reference backend
     holds score chunks of Hq x 1024 rows x L keys in fp32, about 8 such tensors at its peak."""
+    master_bytes: int | None = 4
+    """bytes per master weight: 4 = fp32 masters (the trainer's default, --model.master_dtype=float32); None or
+    param_bytes: the parameters are the masters (pure bf16, or fp32 throughout)."""
 
 
 def param_count(config) -> dict:
@@ -88,16 +99,21 @@ def estimate(config, seq_len: int, sp: int = 1, dp: int = 1, options: MemoryOpti
     c = load_config(config)
     n = param_count(c)
     bp = o.param_bytes
-    bg = o.grad_bytes or bp
+    bm = max(o.master_bytes or bp, bp)
+    bg = o.grad_bytes or bm
     b = o.act_bytes or bp
+    mixed = bm > bp
     t = -(-seq_len // sp)
     h, i, d, v, nl = c.hidden_size, c.intermediate_size, head_dim(c), c.vocab_size, c.num_hidden_layers
     hq, hkv = c.num_attention_heads, c.num_key_value_heads
 
-    params = n["total"] * bp / dp + (2 * n["layer"] * bp if dp > 1 else 0)
-    grads = n["total"] * bg / dp + (n["layer"] * bg if dp > 1 else 0)
-    opt_bytes = n["total"] * o.optimizer_bytes / dp
-    optimizer = 0 if o.offload_optimizer else opt_bytes
+    sharded = dp > 1 or o.offload_optimizer  # FSDP2: parameters gathered layer by layer
+    host_state = n["total"] * (bm + bg + o.optimizer_bytes) / dp if o.offload_optimizer else 0
+    params = (0 if o.offload_optimizer else n["total"] * bm / dp) + (n["total"] * bp if mixed and not sharded else 0)
+    params += (2 * n["layer"] + n["embed"] + h) * bp if sharded else 0
+    grads = 0 if o.offload_optimizer else n["total"] * bg / dp
+    grads += n["layer"] * (bp + 4) if sharded else (n["layer"] * bp if mixed else 0)
+    optimizer = 0 if o.offload_optimizer else n["total"] * o.optimizer_bytes / dp
 
     t_mlp = min(t, o.mlp_tile_tokens) if o.tiled_mlp else t
     layer = (t * h * (C_H * b + C_F * 4) + t * (hq + hkv) * d * b * C_A + t * hq * 4 * C_L
@@ -117,7 +133,7 @@ def estimate(config, seq_len: int, sp: int = 1, dp: int = 1, options: MemoryOpti
         saved = (t * h * (S_H * b + S_F * 4) + t * (hq + hkv) * d * b * S_A + t * hq * 4
                  + t_mlp * i * b * S_I)
         checkpoints, host = nl * saved, 0
-    host += opt_bytes if o.offload_optimizer else 0
+    host += host_state
     parts = {"params": params, "grads": grads, "optimizer": optimizer, "checkpoints": checkpoints,
              "transient": transient}
     parts = {k: int(val) for k, val in parts.items()}

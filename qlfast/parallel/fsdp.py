@@ -5,6 +5,12 @@ backward only one or two layers' parameters are all-gathered at a time (memory: 
 unsharded), gradients are reduce-scattered (averaged over dp) as each layer's backward finishes. Works with the
 model's non-reentrant checkpointing and tiled MLP (both are ordinary autograd to FSDP).
 
+Mixed precision (qlfast/trainer/precision.py): the sharded parameters are the master weights (fp32), and
+`param_dtype=torch.bfloat16` makes FSDP2 cast each layer's shards to bf16 before the all-gather, so forward and
+backward run on bf16 copies; `reduce_dtype=float32` reduce-scatters the bf16 gradients in fp32 into fp32 sharded
+gradients, and AdamW steps the fp32 shards (its m and v are fp32 too). Memory per rank: 4 + 4 + 8 = 16 bytes per
+parameter / dp for masters, gradients and AdamW state, plus the unsharded bf16 layers in flight.
+
 Optimizer state offload for single-GPU long runs: `cpu_offload=True` uses FSDP2's CPUOffloadPolicy, which keeps
 the sharded parameters, gradients and therefore the optimizer state in (pinned) CPU memory and steps the optimizer
 there; only the all-gathered layers live on the GPU.
@@ -12,8 +18,13 @@ there; only the all-gathered layers live on the GPU.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
+
+# model -> the compute dtype its all-gathered parameters are cast to (apply_fsdp's param_dtype)
+_PARAM_DTYPE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def apply_fsdp(model, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
@@ -33,14 +44,32 @@ def apply_fsdp(model, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = Non
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     # the root keeps its parameters gathered after forward: the head needs them again right away in the loss
     fully_shard(model, reshard_after_forward=False, **kw)
+    if param_dtype is not None:
+        _PARAM_DTYPE[model] = param_dtype
     return model
 
 
-def full_state_dict(model) -> dict:
-    """The full (unsharded) state dict on CPU, on every rank, e.g. for model.save_pretrained(..) on rank 0."""
+def compute_dtype(model) -> torch.dtype | None:
+    """The dtype forward runs in under apply_fsdp's mixed precision (None: the parameters' own)."""
+    return _PARAM_DTYPE.get(model)
+
+
+def full_state_dict(model, *, masters: bool = False) -> dict:
+    """The full (unsharded) state dict on CPU on rank 0 (other ranks get {}: DCP's cpu_offload keeps it on rank 0
+    only), e.g. for io.save(..) there; collective.
+
+    In the compute dtype (what the export and the rollout engine get), unless masters=True: then as stored (fp32
+    masters under mixed precision)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dtype = None if masters else compute_dtype(model)
+    if dtype is None:
+        return full
+    for k, v in full.items():  # one tensor at a time: the fp32 copy is freed as its cast replaces it
+        if v.is_floating_point():
+            full[k] = v.to(dtype)
+    return full
 
 
 def full_grads(model) -> dict:

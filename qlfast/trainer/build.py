@@ -10,21 +10,29 @@ from qlfast.config import Config, DataConfig
 from qlfast.data import docqa, synthetic, template
 from qlfast.data import tokenizer as tok
 from qlfast.model import ModelOptions, QwenForCausalLM
+from qlfast.model.config import load_config
 from qlfast.rl.curriculum import LengthBins, Phase, assign_bins
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from qlfast.trainer import precision
 
 
 def tokenizer_and_model(cfg: Config, device: torch.device):
     """The tokenizer and the policy: loaded from cfg.model.path, or (tiny preset) a locally trained tokenizer and a
-    randomly initialised Qwen2 built from the config fields, identical on every rank (seeded)."""
+    randomly initialised Qwen2 built from the config fields, identical on every rank (seeded).
+
+    Parameters are built in model.master_dtype. Without FSDP a compute dtype below it gets a working copy with fp32
+    masters (precision.attach); with FSDP a checkpoint is built on the meta device, and comm.shard_model(weights=path)
+    fills each rank's shards."""
     m = cfg.model
     options = ModelOptions(attn_backend=m.attention_backend, checkpoint=m.checkpointing,
                            offload=m.offload_checkpoints, tiled_mlp=m.tiled_mlp)
-    dtype = DTYPES[m.dtype]
+    dtype, compute = precision.dtype(m.master_dtype), precision.dtype(m.dtype)
     if m.path:
         tokenizer = tok.load_tokenizer(m.path)
+        if m.fsdp:  # never whole on a rank: comm.shard_model(weights=m.path) reads each rank's shards
+            with torch.device("meta"):
+                return tokenizer, QwenForCausalLM(load_config(m.path), options).to(dtype)
         model = QwenForCausalLM.from_pretrained(m.path, dtype=dtype, device=device, options=options)
+        precision.attach(model, compute)
         return tokenizer, model
     tokenizer = tok.load_tokenizer(tok.build_tokenizer(cfg.data.tokenizer_vocab, seed=cfg.data.seed))
     # the vocabulary is padded to a multiple of 64, as Qwen's (and vLLM's own padding) are
@@ -37,6 +45,8 @@ def tokenizer_and_model(cfg: Config, device: torch.device):
         "eos_token_id": tokenizer.eos_token_id, "initializer_range": 0.02, "use_sliding_window": False,
     }
     model = QwenForCausalLM.from_config(hf_config, options, dtype=dtype, device=device, seed=cfg.train.seed)
+    if not m.fsdp:  # under FSDP2 the mixed-precision policy casts instead (comm.shard_model)
+        precision.attach(model, compute)
     return tokenizer, model
 
 

@@ -110,8 +110,13 @@ def max_int(n: int) -> int:
     return int(t)
 
 
-def shard_model(model: torch.nn.Module, env: Env, *, cpu_offload: bool = False) -> torch.nn.Module:
-    """FSDP2 over all ranks (one data-parallel dimension), before any optimizer is built over the parameters."""
+def shard_model(model: torch.nn.Module, env: Env, *, cpu_offload: bool = False, param_dtype: torch.dtype | None = None,
+                weights: str | None = None) -> torch.nn.Module:
+    """FSDP2 over all ranks (one data-parallel dimension), before any optimizer is built over the parameters.
+
+    param_dtype: the compute dtype when it differs from the parameters' (the fp32 masters; qlfast/trainer/precision.py).
+    weights: a model built on the meta device is filled from this HF checkpoint, each rank reading only its shards
+    (qlfast/parallel/sharded_load.py)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from qlfast.parallel.fsdp import apply_fsdp
@@ -120,7 +125,12 @@ def shard_model(model: torch.nn.Module, env: Env, *, cpu_offload: bool = False) 
         raise SystemExit("qlfast.train: --model.optimizer_offload=true moves FSDP2's sharded state off the GPU into "
                          f"pinned CPU memory; it needs --train.device=cuda (this run trains on {env.device})")
     mesh = init_device_mesh(env.device.type, (env.world,), mesh_dim_names=("dp",))
-    return apply_fsdp(model, mesh, cpu_offload=cpu_offload)
+    apply_fsdp(model, mesh, cpu_offload=cpu_offload, param_dtype=param_dtype)
+    if weights is not None:
+        from qlfast.parallel.sharded_load import load_sharded
+
+        load_sharded(model, weights, "cpu" if cpu_offload else env.device, buffer_device=env.device)
+    return model
 
 
 def all_reduce_grads(model: torch.nn.Module, env: Env | None = None) -> None:
@@ -131,11 +141,13 @@ def all_reduce_grads(model: torch.nn.Module, env: Env | None = None) -> None:
     gradients itself during backward."""
     if (env is not None and env.fsdp) or not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):
-        if g is None:
+    from qlfast.trainer.precision import trainable
+
+    params = trainable(model)  # the fp32 masters when the model computes in bf16 (qlfast/trainer/precision.py)
+    for p in params:
+        if p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     off = 0

@@ -23,7 +23,7 @@ from qlfast import planner
 from qlfast.config import Config
 from qlfast.reward.hybrid import HybridReward
 from qlfast.rollout.engine import EngineConfig, RolloutEngine
-from qlfast.trainer import build, comm, sp
+from qlfast.trainer import build, comm, precision, sp
 from qlfast.trainer.logger import MetricsLogger
 from qlfast.trainer.rl_step import PromptSource
 
@@ -79,8 +79,9 @@ def start(cfg: Config, env: comm.Env, reward: HybridReward) -> tuple[RunContext,
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     tokenizer, model = build.tokenizer_and_model(cfg, env.device)
-    if env.fsdp:
-        comm.shard_model(model, env, cpu_offload=cfg.model.optimizer_offload)
+    if env.fsdp:  # fp32 shards, bf16 compute; a checkpoint (built on meta) fills each rank's shards
+        comm.shard_model(model, env, cpu_offload=cfg.model.optimizer_offload,
+                         param_dtype=precision.param_dtype(cfg.model), weights=cfg.model.path)
     try:
         ds = build.datasets(cfg, tokenizer, list(cfg.rl.phases))
     except FileNotFoundError as e:

@@ -1,4 +1,8 @@
-"""AdamW with linear warm-up then a constant (RL) or cosine-to-10% (SFT) schedule."""
+"""AdamW with linear warm-up then a constant (RL) or cosine-to-10% (SFT) schedule.
+
+The optimizer steps the tensors `precision.trainable(model)` names: the fp32 masters when the model computes in a
+lower dtype (qlfast/trainer/precision.py), else the parameters themselves (FSDP2's sharded parameters included, which
+are the masters there). AdamW's m and v take the dtype of what it steps, so they are fp32 with fp32 masters."""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import math
 
 import torch
 
+from qlfast.trainer import precision
+
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = precision.trainable(model)
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
                              fused=fused or None)
@@ -29,14 +35,16 @@ def schedule(optimizer, warmup: int, total: int | None = None) -> torch.optim.lr
 
 
 def clip_and_step(model, optimizer, scheduler, max_norm: float) -> tuple[float, bool]:
-    """Clip, and step unless the gradient is non-finite. Returns (grad norm, stepped)."""
-    params = [p for p in model.parameters() if p.grad is not None]
+    """Clip, and step unless the gradient is non-finite (then cast the masters into the model, when it has them).
+    Returns (grad norm, stepped)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is itself a DTensor
         norm = norm.full_tensor()
     ok = bool(torch.isfinite(norm))
     if ok:
         optimizer.step()
+        precision.after_step(model)
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return float(norm), ok

@@ -28,6 +28,7 @@ from qlfast.rollout.engine import SamplingConfig
 from qlfast.trainer import comm, sp
 from qlfast.trainer.optim import clip_and_step
 from qlfast.trainer.packing import empty_batch, pack, split_by_tokens
+from qlfast.trainer.reference import logprobs as reference_logprobs
 
 
 @dataclass
@@ -135,14 +136,15 @@ def _sequences(groups: list[Group]):
 
 
 def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, mini_batches: int,
-                  max_response_tokens: int, backend: str = "auto") -> dict:
+                  max_response_tokens: int, backend: str = "auto", reference=None) -> dict:
     """Mini-batch policy-gradient updates over this rank's groups (its sp group's, under sp). Returns reduced metrics
-    and whether every optimizer step had finite gradients."""
+    and whether every optimizer step had finite gradients. reference: the frozen reference policy, needed (and run,
+    once per micro-batch) only when rl.kl_coef > 0 (qlfast/trainer/reference.py)."""
     (n_global,) = comm.sum_floats(sum(len(g.responses) for g in groups))
     if n_global == 0:  # every group was dropped (no reward variance anywhere): nothing to learn from
         return {"finite": True, "skipped_update": 1.0}
-    loss_cfg = dict(clip_low=rl.clip_low, clip_high=rl.clip_high, loss_agg=rl.loss_agg, kl_coef=0.0,
-                    entropy_coef=rl.entropy_coef, temperature=rl.temperature, tis_cap=rl.tis_cap)
+    loss_cfg = dict(clip_low=rl.clip_low, clip_high=rl.clip_high, loss_agg=rl.loss_agg, kl_coef=rl.kl_coef,
+                    kl_type=rl.kl_type, entropy_coef=rl.entropy_coef, temperature=rl.temperature, tis_cap=rl.tis_cap)
     # split this rank's groups into mini-batches (by group, so a group's sequences update together); under sp,
     # mini-batch k is the union of the sp ranks' k-th chunks: the same mini-batches as data parallel
     chunks = [groups[k::mini_batches] for k in range(mini_batches)]
@@ -180,12 +182,14 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], env, *, rl, 
         cfg = PolicyLossConfig(**loss_cfg, global_tokens=max(g_tok, 1.0), global_seqs=max(g_seq, 1.0),
                                loss_agg_norm=float(max_response_tokens))
         for j, b in enumerate(micro):
+            ref_lp = None if rl.kl_coef == 0 else reference_logprobs(reference, b, env, temperature=rl.temperature,
+                                                                     backend=backend)
             with sp.sharded(model, b, env) as b:
                 # only the rows that predict response tokens go through the LM head
                 hidden = model(b.input_ids, b.position_ids, b.cu_seqlens, prefix=b.prefix).index_select(0, b.rows)
                 loss, m = policy_loss(hidden, model.lm_head_weight, b.targets, b.advantages,
                                       torch.ones_like(b.advantages), cu_seqlens=b.cu_rows,
-                                      old_logprob=None if old is None else old[k][j],
+                                      old_logprob=None if old is None else old[k][j], ref_logprob=ref_lp,
                                       rollout_logprob=b.rollout_logprob, seq_tokens=b.seq_tokens, config=cfg,
                                       backend=backend)
                 (loss * env.loss_scale).backward()
