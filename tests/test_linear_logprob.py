@@ -152,6 +152,22 @@ def test_bad_dtype_temperature_backend():
         linear_logprob(h, w, t, backend="cuda")
 
 
+def test_auto_rule_prefers_measured_triton_over_unmeasured_cuda(monkeypatch):
+    """auto on CUDA tensors is triton even when qlfast._C is built: the cuda backend goes ahead only once a GPU row
+    shows it faster (qlfast.ops._dispatch); on CPU it is the torch reference; an explicit backend says why it cannot
+    run."""
+    from qlfast.ops import _dispatch
+    from qlfast.ops.linear_logprob import TABLE
+
+    monkeypatch.setattr(_dispatch, "has_cuda_op", lambda name: True)
+    assert TABLE.resolve("auto", torch.device("cuda")) == "triton"
+    assert TABLE.resolve("cuda", torch.device("cuda")) == "cuda"
+    assert TABLE.resolve("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(_dispatch, "has_cuda_op", lambda name: False)
+    with pytest.raises(ValueError, match="qlfast._C extension"):
+        TABLE.resolve("cuda", torch.device("cuda"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 @pytest.mark.parametrize("v,temperature,with_entropy", [(5003, 0.7, True), (32003, 1.0, False)])
