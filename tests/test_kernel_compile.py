@@ -5,6 +5,9 @@ The compile runs in a subprocess with TRITON_INTERPRET=0 (the kernels must be JI
 under qlfast.testing.offline_cuda_target(), through kernels/warmup.py: the same launch-argument helpers as the real
 calls, at the real shapes (bf16, 60K tokens, the 32B model's heads and LM head), one config per kernel.
 
+A third check: Triton's binder specialises the warm-up's shape-only stand-in tensors exactly as real tensors (so the
+GPU proof's parallel warm-up fills the cache entries the timed calls look up).
+
 The int64 check reads each kernel's TTIR: every use of a row-stride argument (stride_qt, stride_h, ...) must be its
 sign extension to i64, so no (row offset) x (row stride) product is computed in i32. In i32, the flash-attention
 backward's start_m * stride_qt passed 2^31 above ~419K tokens at 40 heads x 128 (the interpreter cannot show this:
@@ -39,6 +42,27 @@ JOBS = [("flash_fwd", dict(FLASH, max_q=T)), ("flash_bwd", dict(FLASH, max_q=T, 
         ("attn_merge", dict(t=T, h=HQ, d=D, n=T // 2, block_dtype="bfloat16", rows=True))]
 
 
+def _same_key_as_real_tensors(job) -> bool:
+    """Triton's binder gives the warm-up's shape-only stand-ins the specialisation (and options) it gives real
+    tensors of the same shapes: the warm-up fills exactly the cache entries the real call looks up."""
+    import torch
+
+    from qlfast.kernels import warmup
+
+    family, params, ki, ci = job
+    fn, args, consts, space = warmup.FAMILIES[family](**params)[ki]
+    jit = getattr(fn, "fn", fn) if hasattr(fn, "values") else fn  # under a heuristics wrapper
+    real = [torch.empty(a.shape, dtype=a.dtype) if isinstance(a, warmup.Shaped) else a for a in args]
+    keys = []
+    for a in (args, real):
+        kw = {**consts, **space[ci].all_kwargs()}
+        for name, heur in getattr(fn, "values", {}).items():
+            kw[name] = heur({**dict(zip(fn.arg_names, a)), **kw})
+        _, spec, options = jit.device_caches[0][4](*a, **kw)
+        keys.append((str(spec), str(sorted(options.items())) if isinstance(options, dict) else options.hash()))
+    return keys[0] == keys[1]
+
+
 def _worker() -> list[dict]:
     from qlfast.kernels import warmup
     from qlfast.testing import offline_cuda_target
@@ -51,6 +75,7 @@ def _worker() -> list[dict]:
                 if res["kernel"] in seen:  # linear_dz's last-chunk specialisation: same source, same check
                     continue
                 seen.add(res["kernel"])
+                res["same_key"] = _same_key_as_real_tensors(job)
                 out.append(res)
     return out
 
@@ -75,6 +100,11 @@ def test_every_kernel_compiles_for_sm90(compiled):
     for name, res in compiled.items():
         assert "error" not in res, f"{name}: {res['error']}"
         assert "tt.func public @" + name in res["ttir"]
+
+
+def test_warmup_stand_ins_specialise_like_real_tensors(compiled):
+    for name, res in compiled.items():
+        assert res["same_key"], f"{name}: the warm-up's stand-in tensors give another cache key than real tensors"
 
 
 @pytest.mark.parametrize("kernel", sorted(ROW_STRIDES))
