@@ -147,11 +147,12 @@ def config_dict(cfg: triton.Config) -> dict:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs; configs that do not fit in shared memory are skipped by
-# the autotuner. fp32 (ieee dots) has its own small tiles: at the 16-bit tiles Triton 3.6 spills and takes 4-57 s
-# to compile each config (ENVIRONMENT.md), and fp32 attention is a test path, not a training one.
+# the autotuner. fp32 (ieee dots) has its own small, unpipelined tiles: at the 16-bit tiles Triton 3.6 spills and
+# takes 4-57 s per config (ENVIRONMENT.md), and even 64x32 with 2 stages took 23 s here against 5 s for 32x32 with
+# 1 stage (docs/perf/proof.md); fp32 attention is a test path, not a training one.
 FWD_SPACE = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 128, 8, 2),
              (64, 32, 4, 2)]
-FWD_SPACE_FP32 = [(64, 32, 4, 2)]
+FWD_SPACE_FP32 = [(32, 32, 4, 1)]
 # small unequal tiles in the interpreter: fast there, and they exercise the diagonal and ragged-end logic
 INTERPRET_FWD = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 LAST_CONFIG: dict[str, dict] = {}
