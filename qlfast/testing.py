@@ -145,3 +145,16 @@ def offline_cuda_target(capability: int = 90, warp_size: int = 32):
             driver._active = previous
 
     return ctx()
+
+
+def one_triton_config():
+    """An autouse pytest fixture for kernel test modules (`_one_config = one_triton_config()`): the Triton kernels
+    launch the first config of their autotune list (QLFAST_TRITON_AUTOTUNE=0) instead of compiling and timing every
+    config at every new shape: one compile per kernel on a GPU. tests/test_triton_configs.py checks every config."""
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def _fixture(monkeypatch):
+        monkeypatch.setenv("QLFAST_TRITON_AUTOTUNE", "0")
+
+    return _fixture

@@ -7,7 +7,9 @@ import torch
 from qlfast.ops.attn_merge import merge_attn_
 from qlfast.ops.flash_attention import flash_attn_varlen_fwd
 from qlfast.ref.attention import naive_attention
-from qlfast.testing import assert_close_vs_ref
+from qlfast.testing import assert_close_vs_ref, one_triton_config
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 BACKENDS = ["torch", "triton"]
 # the interpreter evaluates both sides of tl.where in numpy: -inf - -inf on masked lanes warns, the result is discarded

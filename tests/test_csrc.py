@@ -26,7 +26,9 @@ import pytest
 import torch
 
 from qlfast.ref import linear_logprob as ref
-from qlfast.testing import assert_close_vs_ref
+from qlfast.testing import assert_close_vs_ref, one_triton_config
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"

@@ -8,7 +8,9 @@ import torch
 
 from qlfast.ops.flash_attention import flash_attention, flash_attn_varlen_bwd, flash_attn_varlen_fwd
 from qlfast.ref.attention import naive_attention
-from qlfast.testing import assert_close_vs_ref, poison_
+from qlfast.testing import assert_close_vs_ref, one_triton_config, poison_
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

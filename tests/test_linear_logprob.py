@@ -10,7 +10,9 @@ from qlfast.kernels import linear_logprob as tri
 from qlfast.ops.linear_logprob import IGNORE_INDEX, linear_logprob, linear_logprob_with_lse
 from qlfast.ref import linear_logprob as ref
 from qlfast.ref.linear_logprob import naive_linear_logprob
-from qlfast.testing import assert_close_vs_ref, poison_
+from qlfast.testing import assert_close_vs_ref, one_triton_config, poison_
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 N, H = 97, 72
 

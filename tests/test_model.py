@@ -10,7 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 from qlfast.model import QwenForCausalLM, positions_from_cu_seqlens, token_logprobs
-from qlfast.testing import assert_close_vs_ref, rel_err
+from qlfast.testing import assert_close_vs_ref, one_triton_config, rel_err
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 V = 301
 

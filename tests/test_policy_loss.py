@@ -18,7 +18,9 @@ from qlfast.ops._dispatch import has_cuda_op
 from qlfast.ops.policy_loss import LOSS_AGGS, METRIC_REDUCE, PolicyLossConfig, policy_loss
 from qlfast.ref.linear_logprob import naive_linear_logprob
 from qlfast.ref.policy_loss import policy_loss_reference
-from qlfast.testing import assert_close_vs_ref
+from qlfast.testing import assert_close_vs_ref, one_triton_config
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 SEQ_LENS = (20, 1, 30, 17, 29)  # N = 97; sequence 1 has one token, sequence 3 is fully masked
 SEQ_ADV = (1.3, -0.7, -1.1, 0.9, 0.0)  # sequence 4: a zero-advantage group (all rewards equal)

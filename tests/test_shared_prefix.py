@@ -10,8 +10,10 @@ from qlfast.model import QwenForCausalLM
 from qlfast.ops import PolicyLossConfig, SharedPrefix, policy_loss, shared_prefix_attention
 from qlfast.ops.flash_attention import flash_attn_varlen_bwd, flash_attn_varlen_fwd
 from qlfast.ref.attention import naive_attention
-from qlfast.testing import assert_close_vs_ref, rel_err
+from qlfast.testing import assert_close_vs_ref, one_triton_config, rel_err
 from qlfast.trainer.packing import pack, split_by_tokens
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 
 def _cu(lens):
