@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_proof.sh"
@@ -49,7 +50,12 @@ def test_plan_fits_the_window():
     assert subprocess.run(["bash", str(SCRIPT), "3"], capture_output=True, timeout=60).returncode == 2
 
 
+REHEARSAL = pytest.mark.skipif(torch.cuda.is_available(),
+                               reason="the rehearsal is the CPU path; on a GPU run scripts/gpu_proof.sh itself")
+
+
 @pytest.mark.slow
+@REHEARSAL
 @pytest.mark.parametrize("call", ["1", "2"])
 def test_cpu_rehearsal(call, tmp_path):
     proc = _run(call, tmp_path)
@@ -99,6 +105,7 @@ def test_cpu_rehearsal(call, tmp_path):
 
 
 @pytest.mark.slow
+@REHEARSAL
 def test_a_stage_cut_by_the_deadline_fails_the_call_and_keeps_earlier_rows(tmp_path):
     proc = _run("2", tmp_path, QLFAST_PROOF_DEADLINE="30")
     assert proc.returncode != 0

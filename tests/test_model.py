@@ -209,6 +209,7 @@ def test_from_pretrained_default_options_run_on_cpu(tmp_path):
         assert rel_err(g[n], g_ref[n]) < 1e-5, n
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts on CPU tensors through the Triton interpreter")
 def test_no_host_read_per_layer(monkeypatch):
     """A forward reads cu_seqlens on the host once (check + max_seqlen), whatever the number of layers: the layers'
     attention is called with check=False. Counted on the triton backend (the interpreter here), which itself reads

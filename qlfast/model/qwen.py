@@ -256,7 +256,12 @@ class QwenForCausalLM(nn.Module):
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"QwenForCausalLM: cu_seqlens must be int32 (S+1,), got {cu_seqlens.dtype} "
                              f"{tuple(cu_seqlens.shape)}")
-        if max_seqlen is None or prefix is not None:
+        if self.options.attention_fn is not None:
+            # sequence parallel: cu_seqlens is the attention_fn's packing (a hybrid plan's covers the Ulysses group's
+            # tokens, not this rank's T), which its plan checked once per batch
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        elif max_seqlen is None or prefix is not None:
             # the one host read of the batch's bounds (a device sync): checked here, not in every layer
             bounds = check_cu_seqlens(cu_seqlens, t)
             if max_seqlen is None:
