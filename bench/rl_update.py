@@ -96,6 +96,16 @@ def run_policy_update(model, optimizer, scheduler, groups, env, rl) -> dict:
                          max_response_tokens=RESPONSE, backend="auto")
 
 
+def trainer_comm():
+    """The trainer's process-group module (init, shard_model, shutdown): qlfast.trainer.comm, named dist before the
+    trainer's consolidation."""
+    try:
+        from qlfast.trainer import comm
+    except ImportError:
+        from qlfast.trainer import dist as comm
+    return comm
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,7 +166,9 @@ def main() -> int:
     from qlfast.model import ModelOptions, QwenForCausalLM
     from qlfast.model.memory import MemoryOptions, estimate, param_count
     from qlfast.ops.linear_logprob import TABLE as LOGPROB_BACKENDS
-    from qlfast.trainer import dist, optim
+    from qlfast.trainer import optim
+
+    dist = trainer_comm()
 
     for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                  ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
