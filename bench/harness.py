@@ -1,8 +1,14 @@
 """The shared benchmark harness: time an op, take its peak memory, append one row per measurement.
 
-Rows go to bench/results/<device>-<date>.jsonl (one JSON object per line) with the device name, commit, date, op,
-provider, shape, mode, median time, TFLOP/s when FLOPs are given, and peak memory. CPU rows go to files named
-cpu-* that git ignores: only GPU runs are committed.
+Rows go to bench/results/<device>-<date>.jsonl (one JSON object per line; QLFAST_BENCH_RESULTS=DIR elsewhere,
+QLFAST_BENCH_ROWS=FILE into one file) with the device name, commit (QLFAST_COMMIT where the copy has no .git), date,
+torch / triton / CUDA driver versions, op, provider, shape, mode, median time, TFLOP/s when FLOPs are given, and
+peak memory; callers add the backend that ran and the autotune config it chose. CPU rows go to files named cpu-*
+that git ignores: only GPU runs are committed.
+
+Independence: `free_device_memory()` (collect garbage, empty the CUDA cache) runs before every bench item
+(bench/conftest.py) and before any free-memory reading, and `guarded()` runs a callable so that an out-of-memory
+error leaves no frame (and so no tensor) of it alive: an item never inherits the memory of the one before.
 
 Timing: on CUDA, events around the call after warm-up, median of repeats (the same method as triton's do_bench);
 on CPU, perf_counter. Peak memory: torch.cuda.max_memory_allocated above the baseline on CUDA; on CPU the peak RSS
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import gc
 import json
 import os
 import re
@@ -43,6 +50,9 @@ def device_name() -> str:
 
 @functools.cache
 def commit() -> str:
+    """QLFAST_COMMIT when set (the GPU machine's copy has no .git: the caller passes the commit in), else git's."""
+    if os.environ.get("QLFAST_COMMIT"):
+        return os.environ["QLFAST_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=RESULTS.parent, timeout=10).stdout.strip()
@@ -52,6 +62,55 @@ def commit() -> str:
         return os.environ.get("QLFAST_COMMIT", "unknown")
     sha = sha or os.environ.get("QLFAST_COMMIT", "unknown")
     return sha + ("-dirty" if dirty else "")
+
+
+@functools.cache
+def versions() -> dict:
+    """torch, triton, CUDA runtime and driver versions (QLFAST_DRIVER or nvidia-smi; "none" without a GPU)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    driver = os.environ.get("QLFAST_DRIVER")
+    if driver is None and torch.cuda.is_available():
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            driver = "unknown"
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda or "none",
+            "driver": driver or "none"}
+
+
+def free_device_memory() -> None:
+    """Drop what the previous measurement left: unreachable frames and tensors, then the CUDA caching allocator's
+    free blocks (so that mem_get_info reads what is really free)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_bytes() -> int:
+    """Free device memory after free_device_memory() (0 without a GPU)."""
+    if not torch.cuda.is_available():
+        return 0
+    free_device_memory()
+    return torch.cuda.mem_get_info()[0]
+
+
+def guarded(fn, *args, **kwargs):
+    """fn(*args, **kwargs) -> (result, None), or (None, message) on an out-of-memory error. The exception and its
+    traceback (which holds fn's frames and their tensors) are gone when this returns, and the memory is freed."""
+    try:
+        return fn(*args, **kwargs), None
+    except torch.OutOfMemoryError as e:  # (torch.cuda.OutOfMemoryError is the same class)
+        message = str(e).splitlines()[0][:200] if str(e) else "out of memory"
+    free_device_memory()
+    return None, message
 
 
 def _slug(s: str) -> str:
@@ -123,7 +182,7 @@ def record(op: str, provider: str, shape: dict, mode: str, stats: dict, *, flops
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(),
         "commit": commit(),
-        "torch": torch.__version__,
+        **versions(),
         "op": op,
         "provider": provider,
         "mode": mode,
@@ -137,14 +196,22 @@ def record(op: str, provider: str, shape: dict, mode: str, stats: dict, *, flops
         row["tflops"] = round(flops / (stats["median_ms"] * 1e-3) / 1e12, 2)
     if extra:
         row.update(extra)
-    RESULTS.mkdir(exist_ok=True)
-    out_dir = Path(os.environ.get("QLFAST_BENCH_RESULTS", RESULTS))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    day = row["date"][:10]
-    path = out_dir / f"{_slug(device_name())}-{day}.jsonl"
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    write_row(row)
     return row
+
+
+def write_row(row: dict) -> None:
+    """Append one row: to QLFAST_BENCH_ROWS (a file) if set, else bench/results/ (or QLFAST_BENCH_RESULTS)."""
+    if os.environ.get("QLFAST_BENCH_ROWS"):
+        path = Path(os.environ["QLFAST_BENCH_ROWS"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        out_dir = Path(os.environ.get("QLFAST_BENCH_RESULTS", RESULTS))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{_slug(device_name())}-{row['date'][:10]}.jsonl"
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
 
 
 def bench(benchmark, op: str, provider: str, shape: dict, mode: str, fn, *, flops: float | None = None,

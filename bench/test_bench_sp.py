@@ -15,8 +15,8 @@ import torch
 from comm_model import LINKS_GBPS
 from harness import bench, real_sizes
 
+from qlfast.ops.attn_merge import merge_attn_
 from qlfast.ops.flash_attention import flash_attn_varlen_bwd, flash_attn_varlen_fwd
-from qlfast.parallel.merge import merge_attn_
 
 if real_sizes():
     T_LOCAL, HQ, HKV, D, DTYPE = 8192, 40, 8, 128, torch.bfloat16

@@ -5,14 +5,18 @@
 //   torch.ops.qlfast.linear_logprob_bwd(hidden, weight, targets, lse, entropy?, grad_logprob?, grad_entropy?, inv_temp)
 //       -> dhidden (N,H) hidden.dtype, dweight (V,H) weight.dtype
 //
-// Memory contract: the (N, V) logits are never materialised. The vocabulary is walked in chunks of Vc columns, with
-// one (N, Vc) logits buffer in the input dtype (<= 512 MiB, QLFAST_CUDA_CHUNK_MB) reused by every chunk. Forward
-// keeps an online log-sum-exp per row across chunks (Milakov & Gimelshein 2018, "Online normalizer calculation for
-// softmax"), in fp32. Backward recomputes each chunk, overwrites it in place with dlogits, then
+// Memory contract: the (N, V) logits are never materialised. The vocabulary is walked in chunks of Vc columns. The
+// chunk GEMM writes its logits in fp32 (cuBLAS, fp32 accumulation and fp32 C even for bf16/fp16 operands), so the
+// log-sum-exp, log-probs and entropy see the logits unrounded, as the triton backend's registers do (rounding them
+// to bf16 first cost ~2e-4 relative error in the log-probs against 2.4e-7). Forward: one (N, Vc) fp32 buffer reused
+// by every chunk, with an online log-sum-exp per row across chunks (Milakov & Gimelshein 2018, "Online normalizer
+// calculation for softmax"). Backward: the fp32 logits chunk plus an (N, Vc) dlogits chunk in the input dtype (the
+// operand of the dW and dH GEMMs). The chunk buffers stay within
+// QLFAST_CUDA_CHUNK_MB (default 768 MiB). Backward recomputes each chunk, writes dlogits, then
 //   dW[chunk] = dz^T @ hidden     one GEMM over all N rows, fp32 accumulation inside cuBLAS, written once in the
 //                                 weight dtype (never accumulated across chunks in bf16)
 //   dH_fp32  += dz @ W[chunk]     bf16/fp16 operands, fp32 C with beta=1: an (N, H) fp32 accumulator, cast at the end
-// so the extra memory is (N, Vc) in the input dtype + (N, H) fp32 + O(N).
+// so the extra memory is the chunk buffers + (N, H) fp32 + O(N).
 //
 // Math, with z = x * inv_temp (x = h . w_j), p = softmax(z), t = target, L = lse, E = entropy:
 //   logprob = z_t - L,    E = L - sum_j p_j z_j
@@ -68,22 +72,22 @@ __device__ __forceinline__ Online online_merge(Online a, Online b) {
 
 // Forward epilogue: one warp per row of the (N, vc) logits chunk. Merges the chunk into the row's running state
 // (state[row] = {m, s, a, z_t}) and, on the last chunk, writes logprob, entropy, lse.
-template <typename T, int VEC, bool ENT>
+template <int VEC, bool ENT>
 __global__ void __launch_bounds__(kWarps * 32)
-    lse_chunk_kernel(const T* __restrict__ z, int64_t n_rows, int vc, int64_t v0, const int64_t* __restrict__ targets,
-                     float inv_temp, float4* __restrict__ state, bool first, bool last, float* __restrict__ logprob,
-                     float* __restrict__ entropy, float* __restrict__ lse) {
+    lse_chunk_kernel(const float* __restrict__ z, int64_t n_rows, int vc, int64_t v0,
+                     const int64_t* __restrict__ targets, float inv_temp, float4* __restrict__ state, bool first,
+                     bool last, float* __restrict__ logprob, float* __restrict__ entropy, float* __restrict__ lse) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (row >= n_rows) return;
-  const T* zr = z + row * int64_t(vc);
+  const float* zr = z + row * int64_t(vc);
   const float c = inv_temp * kLog2e;
 
   Online st{-INFINITY, 0.f, 0.f};
   const int nvec = vc / VEC;
-  const Pack<T, VEC>* zp = reinterpret_cast<const Pack<T, VEC>*>(zr);
+  const Pack<float, VEC>* zp = reinterpret_cast<const Pack<float, VEC>*>(zr);
   for (int base = lane; base < nvec; base += 32 * kUnroll) {
-    Pack<T, VEC> pk[kUnroll];
+    Pack<float, VEC> pk[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * 32;
@@ -96,7 +100,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       float ymax = -INFINITY;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        y[k] = static_cast<float>(pk[u].v[k]) * c;
+        y[k] = pk[u].v[k] * c;
         ymax = fmaxf(ymax, y[k]);
       }
       if (ymax > st.m) {
@@ -114,7 +118,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
   }
-  for (int j = nvec * VEC + lane; j < vc; j += 32) online_add(st, static_cast<float>(zr[j]) * c);
+  for (int j = nvec * VEC + lane; j < vc; j += 32) online_add(st, zr[j] * c);
 
   // Warp merge: rescale every lane to the warp max, then sum.
   const float m = warp_max(st.m);
@@ -128,7 +132,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   float4 prev = first ? make_float4(-INFINITY, 0.f, 0.f, 0.f) : state[row];
   if (!first) row_st = online_merge(Online{prev.x, prev.y, prev.z}, row_st);
   float zt = prev.w;
-  if (t >= v0 && t < v0 + vc) zt = static_cast<float>(zr[t - v0]) * inv_temp;
+  if (t >= v0 && t < v0 + vc) zt = zr[t - v0] * inv_temp;
   if (!last) {
     state[row] = make_float4(row_st.m, row_st.s, row_st.a, zt);
     return;
@@ -142,18 +146,20 @@ __global__ void __launch_bounds__(kWarps * 32)
   if (ENT) entropy[row] = valid ? kLn2 * (log2s - row_st.a / row_st.s) : 0.f;
 }
 
-// Backward epilogue: one warp per row; overwrites the logits chunk in place with dlogits (w.r.t. x = h . w_j):
+// Backward epilogue: one warp per row; reads the fp32 logits chunk z and writes dlogits (w.r.t. x = h . w_j) in the
+// input dtype to a separate buffer dz (restrict: the two never alias, which also keeps ptxas from spilling):
 //   dx_j = p_j (A + B x_j) + [j = t] inv_temp g_lp,  p_j = 2^(x_j c - L log2 e)
 //   A = -inv_temp (g_lp + g_ent (E - L)),  B = -inv_temp^2 g_ent
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kWarps * 32)
-    dlogits_chunk_kernel(T* __restrict__ z, int64_t n_rows, int vc, int64_t v0, const int64_t* __restrict__ targets,
-                         const float* __restrict__ lse, const float* __restrict__ entropy,
+    dlogits_chunk_kernel(const float* __restrict__ z, T* __restrict__ dz, int64_t n_rows, int vc, int64_t v0,
+                         const int64_t* __restrict__ targets, const float* __restrict__ lse, const float* __restrict__ entropy,
                          const float* __restrict__ g_lp, const float* __restrict__ g_ent, float inv_temp) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (row >= n_rows) return;
-  T* zr = z + row * int64_t(vc);
+  const float* zr = z + row * int64_t(vc);
+  T* dzr = dz + row * int64_t(vc);
   const int64_t t = targets[row];
   const bool valid = t != kIgnoreIndex;
   const float glp = (valid && g_lp != nullptr) ? g_lp[row] : 0.f;
@@ -168,9 +174,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t tj = t - v0;                     // target column inside this chunk (may be out of range)
 
   const int nvec = vc / VEC;
-  Pack<T, VEC>* zp = reinterpret_cast<Pack<T, VEC>*>(zr);
+  const Pack<float, VEC>* zp = reinterpret_cast<const Pack<float, VEC>*>(zr);
+  Pack<T, VEC>* dzp = reinterpret_cast<Pack<T, VEC>*>(dzr);
   for (int base = lane; base < nvec; base += 32 * kUnroll) {
-    Pack<T, VEC> pk[kUnroll];
+    Pack<float, VEC> pk[kUnroll];
     if (!zero) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -187,53 +194,56 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int k = 0; k < VEC; ++k) {
         float d = 0.f;
         if (!zero) {
-          const float x = static_cast<float>(pk[u].v[k]);
+          const float x = pk[u].v[k];
           d = exp2f(x * c - off) * (A + B * x);
           if (int64_t(i) * VEC + k == tj) d += inv_temp * glp;
         }
         o.v[k] = static_cast<T>(d);
       }
-      zp[i] = o;
+      dzp[i] = o;
     }
   }
   for (int j = nvec * VEC + lane; j < vc; j += 32) {
     float d = 0.f;
     if (!zero) {
-      const float x = static_cast<float>(zr[j]);
+      const float x = zr[j];
       d = exp2f(x * c - off) * (A + B * x);
       if (j == tj) d += inv_temp * glp;
     }
-    zr[j] = static_cast<T>(d);
+    dzr[j] = static_cast<T>(d);
   }
 }
 
-// Columns per chunk: the (N, Vc) buffer stays within QLFAST_CUDA_CHUNK_MB (default 512 MiB); QLFAST_CUDA_CHUNK_COLS
-// forces a width (tests use it to exercise several chunks and a ragged last one at small shapes).
+// Columns per chunk: the chunk buffers, `elem` bytes per (row, column) together, stay within QLFAST_CUDA_CHUNK_MB
+// (default 768 MiB); QLFAST_CUDA_CHUNK_COLS forces a width (tests use it to exercise several chunks and a ragged last
+// one at small shapes).
 int64_t chunk_cols(int64_t n, int64_t vocab, int64_t elem) {
   if (const char* s = std::getenv("QLFAST_CUDA_CHUNK_COLS")) {
     const int64_t c = std::atoll(s);
     if (c > 0) return std::min(vocab, c);
   }
-  int64_t mb = 512;
+  int64_t mb = 768;
   if (const char* s = std::getenv("QLFAST_CUDA_CHUNK_MB")) mb = std::max<int64_t>(1, std::atoll(s));
   int64_t c = (mb << 20) / (std::max<int64_t>(n, 1) * elem);
   c = std::max<int64_t>(128, c / 128 * 128);  // multiples of 128 keep cuBLAS on its fast tiles
   return std::min(vocab, c);
 }
 
-// (N, vc) row-major logits chunk = hidden (N, H) @ weight[v0 : v0 + vc]^T, i.e. column-major (vc, N) = W_c^T' H^T'.
-void chunk_logits(const at::Tensor& hidden, const at::Tensor& weight, int64_t v0, int64_t vc, void* out) {
+// (N, vc) row-major fp32 logits chunk = hidden (N, H) @ weight[v0 : v0 + vc]^T, i.e. column-major (vc, N) =
+// W_c^T' H^T', with fp32 accumulation and an fp32 C whatever the operands' dtype.
+void chunk_logits(const at::Tensor& hidden, const at::Tensor& weight, int64_t v0, int64_t vc, float* out) {
   const int64_t n = hidden.size(0), h = hidden.size(1);
   const auto t = hidden.scalar_type();
   const char* w = static_cast<const char*>(weight.data_ptr()) + v0 * h * weight.element_size();
-  gemm(true, false, vc, n, h, w, t, h, hidden.data_ptr(), t, h, out, t, vc, 0.f);
+  gemm(true, false, vc, n, h, w, t, h, hidden.data_ptr(), t, h, out, at::kFloat, vc, 0.f);
 }
 
+// 16-byte fp32 loads (4 floats) when every row of the (N, vc) chunk starts 16-byte aligned; the input-dtype writes of
+// the backward are then 4-element packs, aligned the same way (row stride vc).
 template <typename T, typename F>
 void dispatch_vec_t(int64_t vc, F&& f) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (vc % kVec == 0) {  // rows stay 16-byte aligned (the chunk buffer is contiguous with row stride vc)
-    f(T(), std::integral_constant<int, kVec>());
+  if (vc % 4 == 0) {
+    f(T(), std::integral_constant<int, 4>());
   } else {
     f(T(), std::integral_constant<int, 1>());
   }
@@ -276,26 +286,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprob_fwd(const at::Tens
   if (n == 0) return {logprob, entropy, lse};
   TORCH_CHECK(vocab > 0, "linear_logprob (cuda): empty vocabulary");
 
-  const int64_t cols = chunk_cols(n, vocab, hidden.element_size());
-  at::Tensor buf = at::empty({n * cols}, hidden.options());           // (N, Vc) logits chunk, reused
+  const int64_t cols = chunk_cols(n, vocab, 4);
+  at::Tensor buf = at::empty({n * cols}, f32);                              // (N, Vc) fp32 logits chunk, reused
   at::Tensor state = cols < vocab ? at::empty({n, 4}, f32) : at::Tensor();  // (N, {m, s, a, z_t}) across chunks
   float4* st = state.defined() ? reinterpret_cast<float4*>(state.data_ptr<float>()) : nullptr;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>((n + kWarps - 1) / kWarps));
   for (int64_t v0 = 0; v0 < vocab; v0 += cols) {
     const int64_t vc = std::min(cols, vocab - v0);
-    chunk_logits(hidden, weight, v0, vc, buf.data_ptr());
+    chunk_logits(hidden, weight, v0, vc, buf.data_ptr<float>());
     const bool first = v0 == 0, last = v0 + vc >= vocab;
-    dispatch_vec(hidden.scalar_type(), vc, [&](auto tag, auto vec) {
-      using T = decltype(tag);
+    dispatch_vec_t<float>(vc, [&](auto, auto vec) {
       constexpr int V = decltype(vec)::value;
-      const T* zp = reinterpret_cast<const T*>(buf.data_ptr());
+      const float* zp = buf.data_ptr<float>();
       if (with_entropy) {
-        lse_chunk_kernel<T, V, true><<<grid, kWarps * 32, 0, stream>>>(
+        lse_chunk_kernel<V, true><<<grid, kWarps * 32, 0, stream>>>(
             zp, n, int(vc), v0, targets.data_ptr<int64_t>(), float(inv_temp), st, first, last,
             logprob.data_ptr<float>(), entropy.data_ptr<float>(), lse.data_ptr<float>());
       } else {
-        lse_chunk_kernel<T, V, false><<<grid, kWarps * 32, 0, stream>>>(
+        lse_chunk_kernel<V, false><<<grid, kWarps * 32, 0, stream>>>(
             zp, n, int(vc), v0, targets.data_ptr<int64_t>(), float(inv_temp), st, first, last,
             logprob.data_ptr<float>(), nullptr, lse.data_ptr<float>());
       }
@@ -342,29 +351,31 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_bwd(const at::Tensor& hidden_i
 
   // dhidden accumulates in fp32 across vocabulary chunks; an fp32 input's output buffer is that accumulator.
   at::Tensor dh_acc = at::empty({n, h}, hidden.options().dtype(at::kFloat));
-  const int64_t cols = chunk_cols(n, vocab, hidden.element_size());
-  at::Tensor buf = at::empty({n * cols}, hidden.options());  // (N, Vc): logits, then dlogits in place
+  const int64_t cols = chunk_cols(n, vocab, 4 + hidden.element_size());
+  at::Tensor zbuf = at::empty({n * cols}, hidden.options().dtype(at::kFloat));  // (N, Vc) fp32 logits
+  at::Tensor dzbuf = at::empty({n * cols}, hidden.options());                   // (N, Vc) dlogits, the GEMM operand
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>((n + kWarps - 1) / kWarps));
   const int64_t esz = weight.element_size();
   for (int64_t v0 = 0; v0 < vocab; v0 += cols) {
     const int64_t vc = std::min(cols, vocab - v0);
-    chunk_logits(hidden, weight, v0, vc, buf.data_ptr());
+    chunk_logits(hidden, weight, v0, vc, zbuf.data_ptr<float>());
     dispatch_vec(dt, vc, [&](auto tag, auto vec) {
       using T = decltype(tag);
       constexpr int V = decltype(vec)::value;
       dlogits_chunk_kernel<T, V><<<grid, kWarps * 32, 0, stream>>>(
-          reinterpret_cast<T*>(buf.data_ptr()), n, int(vc), v0, targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
-          entropy.defined() ? entropy.data_ptr<float>() : nullptr, g_lp.defined() ? g_lp.data_ptr<float>() : nullptr,
-          g_ent.defined() ? g_ent.data_ptr<float>() : nullptr, float(inv_temp));
+          zbuf.data_ptr<float>(), reinterpret_cast<T*>(dzbuf.data_ptr()), n, int(vc), v0, targets.data_ptr<int64_t>(),
+          lse.data_ptr<float>(), entropy.defined() ? entropy.data_ptr<float>() : nullptr,
+          g_lp.defined() ? g_lp.data_ptr<float>() : nullptr, g_ent.defined() ? g_ent.data_ptr<float>() : nullptr,
+          float(inv_temp));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     // dW[v0:v0+vc] (vc, H) = dz^T (vc, N) @ hidden (N, H): column-major (H, vc) = H^T (H, N) . dz (N, vc)
     char* dw = static_cast<char*>(dweight.data_ptr()) + v0 * h * esz;
-    gemm(false, true, h, vc, n, hidden.data_ptr(), dt, h, buf.data_ptr(), dt, vc, dw, dt, h, 0.f);
+    gemm(false, true, h, vc, n, hidden.data_ptr(), dt, h, dzbuf.data_ptr(), dt, vc, dw, dt, h, 0.f);
     // dH (N, H) += dz (N, vc) @ W[v0:v0+vc] (vc, H): column-major (H, N) = W_c (H, vc) . dz^T (vc, N), fp32 C
     const char* w = static_cast<const char*>(weight.data_ptr()) + v0 * h * esz;
-    gemm(false, false, h, n, vc, w, dt, h, buf.data_ptr(), dt, vc, dh_acc.data_ptr(), at::kFloat, h,
+    gemm(false, false, h, n, vc, w, dt, h, dzbuf.data_ptr(), dt, vc, dh_acc.data_ptr(), at::kFloat, h,
          v0 == 0 ? 0.f : 1.f);
   }
   at::Tensor dhidden = dt == at::kFloat ? dh_acc : dh_acc.to(dt);

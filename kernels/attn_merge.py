@@ -2,7 +2,7 @@
 
     o = o - sigmoid(l_b - l) * (o - o_b),   l = hi - logsigmoid(hi - lo),  hi = max(l, l_b), lo = min(l, l_b)
 
-(ring-flash-attention's log-sigmoid form; see qlfast/parallel/merge.py for the derivation and the -inf rules).
+(ring-flash-attention's log-sigmoid form; see qlfast/ops/attn_merge.py for the derivation and the -inf rules).
 Layouts: out (T, H, D) fp32 and lse (H, T) fp32 accumulators; block_out (n, H, D) any float dtype, block_lse (H, n);
 optional rows (n,) int64 maps block row i to accumulator row rows[i]. One program per (BLOCK_T rows, head): it
 reads each element once and writes it once; arithmetic in fp32. Pointer offsets are int64 so that 1M-token
@@ -47,6 +47,16 @@ def _attn_merge_kernel(OUT, LSE, BOUT, BLSE, ROWS, N, D,
     tl.store(o_ptrs, o - w[:, None] * (o - b), mask=mask)
 
 
+def launch_args(out, lse, block_out, block_lse, rows=None):
+    """(args, constexprs) of _attn_merge_kernel; tensors may be shape-only stand-ins (warm-up)."""
+    n, h, d = block_out.shape
+    rows_arg = rows if rows is not None else block_lse  # dummy pointer when HAS_ROWS is False
+    block_d = triton.next_power_of_2(d)
+    args = (out, lse, block_out, block_lse, rows_arg, n, d, out.stride(0), out.stride(1), lse.stride(0),
+            block_out.stride(0), block_out.stride(1), block_lse.stride(0))
+    return args, dict(HAS_ROWS=rows is not None, BLOCK_T=max(1, min(64, 8192 // block_d)), BLOCK_D=block_d)
+
+
 def attn_merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor,
                 rows: torch.Tensor | None = None) -> None:
     """In place: merge (block_out (n, H, D), block_lse (H, n)) into out (T, H, D) fp32, lse (H, T) fp32."""
@@ -56,11 +66,6 @@ def attn_merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, b
     if out.stride(-1) != 1 or lse.stride(-1) != 1:
         raise ValueError("attn_merge_: out and lse must be contiguous in their last dimension")
     block_out = block_out if block_out.stride(-1) == 1 else block_out.contiguous()
-    block_lse = block_lse.contiguous()
-    rows_arg = rows.contiguous() if rows is not None else block_lse  # dummy pointer when HAS_ROWS is False
-    block_d = triton.next_power_of_2(d)
-    block_t = max(1, min(64, 8192 // block_d))
-    grid = (triton.cdiv(n, block_t), h)
-    _attn_merge_kernel[grid](out, lse, block_out, block_lse, rows_arg, n, d,
-                             out.stride(0), out.stride(1), lse.stride(0), block_out.stride(0), block_out.stride(1),
-                             block_lse.stride(0), HAS_ROWS=rows is not None, BLOCK_T=block_t, BLOCK_D=block_d)
+    args, consts = launch_args(out, lse, block_out, block_lse.contiguous(),
+                               rows.contiguous() if rows is not None else None)
+    _attn_merge_kernel[(triton.cdiv(n, consts["BLOCK_T"]), h)](*args, **consts)

@@ -67,6 +67,10 @@ def _flash_fwd_kernel(Q, K, V, Out, Lse, cu_q, cu_k, qk_scale, SEQ_BUCKET,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh,
                       HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    # row strides in int64, so every (row offset) x (row stride) is: at 2M tokens x 8 kv heads x 128 it passes 2^31
+    stride_qt, stride_kt, stride_ot = tl.cast(stride_qt, tl.int64), tl.cast(stride_kt, tl.int64), tl.cast(stride_ot,
+                                                                                                         tl.int64)
+    stride_lh = tl.cast(stride_lh, tl.int64)
     # the longest (causal) tiles first: reversed tile order keeps the tail of the grid short
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_sh = tl.program_id(1)
@@ -132,36 +136,73 @@ def configs(space: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in space]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); configs that do not fit in shared memory are skipped by the autotuner
-_FWD_SPACE = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 128, 8, 2),
-              (64, 32, 4, 2)]
+def autotuning() -> bool:
+    """QLFAST_TRITON_AUTOTUNE=0 launches the first config of each list instead of autotuning (correctness tests: one
+    compile per kernel instead of one per config)."""
+    return os.environ.get("QLFAST_TRITON_AUTOTUNE", "1") != "0"
+
+
+def config_dict(cfg: triton.Config) -> dict:
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs; configs that do not fit in shared memory are skipped by
+# the autotuner. fp32 (ieee dots) has its own small, unpipelined tiles: at the 16-bit tiles Triton 3.6 spills and
+# takes 4-57 s per config (ENVIRONMENT.md), and even 64x32 with 2 stages took 23 s here against 5 s for 32x32 with
+# 1 stage (docs/perf/proof.md); fp32 attention is a test path, not a training one.
+FWD_SPACE = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 128, 8, 2),
+             (64, 32, 4, 2)]
+FWD_SPACE_FP32 = [(32, 32, 4, 1)]
 # small unequal tiles in the interpreter: fast there, and they exercise the diagonal and ragged-end logic
 INTERPRET_FWD = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+LAST_CONFIG: dict[str, dict] = {}
+"""kernel name -> the config of its last launch (the autotuner's pick, or the fixed one), for benchmark rows."""
+
+
+def fwd_space(dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    return FWD_SPACE_FP32 if dtype == torch.float32 else FWD_SPACE
 
 
 @functools.cache
-def _fwd_tuned():
-    return triton.autotune(configs(_FWD_SPACE), key=["SEQ_BUCKET", "GROUP", "D", "CAUSAL"])(_flash_fwd_kernel)
+def fwd_tuned(fp32: bool):
+    space = FWD_SPACE_FP32 if fp32 else FWD_SPACE
+    return triton.autotune(configs(space), key=["SEQ_BUCKET", "GROUP", "D", "CAUSAL"])(_flash_fwd_kernel)
+
+
+def fwd_launch_args(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, causal: bool,
+                    softmax_scale: float):
+    """(positional args, constexpr kwargs) of _flash_fwd_kernel; q/k/v/out/lse may be shape-only stand-ins (warm-up)."""
+    hq, d = q.shape[1], q.shape[2]
+    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale * LOG2E, seq_bucket(max_seqlen_q),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0))
+    consts = dict(HQ=hq, GROUP=hq // k.shape[1], D=d, CAUSAL=causal, PREC=dot_precision(q.dtype))
+    return args, consts
 
 
 def flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                    softmax_scale: float, config: dict | None = None):
-    """q (Tq, Hq, D), k/v (Tk, Hkv, D) contiguous -> out (Tq, Hq, D) q's dtype, lse (Hq, Tq) fp32."""
+    """q (Tq, Hq, D), k/v (Tk, Hkv, D) contiguous -> out (Tq, Hq, D) q's dtype, lse (Hq, Tq) fp32.
+
+    config: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} to force one; default: autotuned over fwd_space(dtype)
+    on a GPU (the first of it when QLFAST_TRITON_AUTOTUNE=0), INTERPRET_FWD in the interpreter."""
     tq, hq, d = q.shape
-    group = hq // k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
     nseq = cu_seqlens_q.numel() - 1
     if tq == 0 or max_seqlen_q == 0:
         return out, lse
-    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale * LOG2E, seq_bucket(max_seqlen_q),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0))
-    consts = dict(HQ=hq, GROUP=group, D=d, CAUSAL=causal, PREC=dot_precision(q.dtype))
+    args, consts = fwd_launch_args(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal,
+                                   softmax_scale)
     if config is None and not interpreting():
-        grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nseq * hq)  # noqa: E731
-        _fwd_tuned()[grid](*args, **consts)
-        return out, lse
+        if autotuning():
+            kernel = fwd_tuned(q.dtype == torch.float32)
+            grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nseq * hq)  # noqa: E731
+            kernel[grid](*args, **consts)
+            LAST_CONFIG["flash_fwd"] = config_dict(kernel.best_config)
+            return out, lse
+        config = config_dict(configs(fwd_space(q.dtype))[0])
     cfg = dict(config or INTERPRET_FWD)
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), nseq * hq)
     _flash_fwd_kernel[grid](*args, **consts, **cfg)
+    LAST_CONFIG["flash_fwd"] = cfg
     return out, lse

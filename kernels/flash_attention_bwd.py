@@ -23,12 +23,23 @@ import torch
 import triton
 import triton.language as tl
 
-from qlfast.kernels.flash_attention import LOG2E, configs, dot_precision, interpreting, seq_bucket
+from qlfast.kernels.flash_attention import (
+    LAST_CONFIG,
+    LOG2E,
+    autotuning,
+    config_dict,
+    configs,
+    dot_precision,
+    interpreting,
+    seq_bucket,
+)
 
 
 @triton.jit
 def _delta_kernel(Out, dOut, Delta, T, stride_ot, stride_oh, stride_dt, stride_dh, stride_delta_h,
                   D: tl.constexpr, BLOCK: tl.constexpr):
+    stride_ot, stride_dt, stride_delta_h = (tl.cast(stride_ot, tl.int64), tl.cast(stride_dt, tl.int64),
+                                            tl.cast(stride_delta_h, tl.int64))
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
@@ -64,6 +75,10 @@ def _dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, qk_scale, softma
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh, stride_lh,
                  HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    # row strides in int64: start_m * stride_qt passes 2^31 at 419K tokens x 40 heads x 128 (it was int32)
+    stride_qt, stride_kt, stride_dt = tl.cast(stride_qt, tl.int64), tl.cast(stride_kt, tl.int64), tl.cast(stride_dt,
+                                                                                                         tl.int64)
+    stride_lh = tl.cast(stride_lh, tl.int64)
     start_n = tl.program_id(0) * BLOCK_N
     pid_sh = tl.program_id(1)
     seq = pid_sh // HKV
@@ -140,6 +155,9 @@ def _dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, qk_scale, softmax_scal
                stride_qt, stride_qh, stride_kt, stride_kh, stride_dt, stride_dh, stride_lh,
                HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    stride_qt, stride_kt, stride_dt = tl.cast(stride_qt, tl.int64), tl.cast(stride_kt, tl.int64), tl.cast(stride_dt,
+                                                                                                         tl.int64)
+    stride_lh = tl.cast(stride_lh, tl.int64)
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal tiles first
     pid_sh = tl.program_id(1)
     seq = pid_sh // HQ
@@ -185,30 +203,50 @@ def _dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, qk_scale, softmax_scal
     tl.store(dQ + q_off, (dq * softmax_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). dK/dV holds BLOCK_N keys (two fp32 (BLOCK_N, D) accumulators) and
-# streams BLOCK_M queries; dQ holds BLOCK_M queries and streams BLOCK_N keys. Over-large configs are skipped.
-_DKDV_SPACE = [(32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (16, 64, 4, 3)]
-_DQ_SPACE = [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs. dK/dV holds BLOCK_N keys (two fp32 (BLOCK_N, D)
+# accumulators) and streams BLOCK_M queries; dQ holds BLOCK_M queries and streams BLOCK_N keys. Over-large configs are
+# skipped by the autotuner. fp32 gets small tiles of its own (see kernels/flash_attention.py).
+DKDV_SPACE = [(32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (16, 64, 4, 3)]
+DQ_SPACE = [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+DKDV_SPACE_FP32 = [(16, 32, 4, 1)]  # 6 s to compile here; 32x32 with 2 stages took 49 s
+DQ_SPACE_FP32 = [(32, 32, 4, 1)]  # 7 s; 64x32 with 2 stages took 82 s
 INTERPRET_BWD = {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
                  "dq": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}}
 _KEY = ["SEQ_BUCKET", "GROUP", "D", "CAUSAL"]
 
 
+def bwd_spaces(dtype: torch.dtype):
+    """(dK/dV space, dQ space) for inputs of this dtype."""
+    return (DKDV_SPACE_FP32, DQ_SPACE_FP32) if dtype == torch.float32 else (DKDV_SPACE, DQ_SPACE)
+
+
 @functools.cache
-def _tuned():
-    return (triton.autotune(configs(_DKDV_SPACE), key=_KEY)(_dkdv_kernel),
-            triton.autotune(configs(_DQ_SPACE), key=_KEY)(_dq_kernel))
+def bwd_tuned(fp32: bool):
+    dkdv, dq = bwd_spaces(torch.float32 if fp32 else torch.bfloat16)
+    return (triton.autotune(configs(dkdv), key=_KEY)(_dkdv_kernel), triton.autotune(configs(dq), key=_KEY)(_dq_kernel))
+
+
+def bwd_launch_args(dout, q, k, v, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                    max_seqlen_k: int, causal: bool, softmax_scale: float):
+    """(dK/dV args, dQ args, constexprs) of the two kernels; tensors may be shape-only stand-ins (warm-up)."""
+    group, d = q.shape[1] // k.shape[1], q.shape[2]
+    common = (softmax_scale * LOG2E, softmax_scale, seq_bucket(max(max_seqlen_q, max_seqlen_k)), q.stride(0),
+              q.stride(1), k.stride(0), k.stride(1), dout.stride(0), dout.stride(1), lse.stride(0))
+    consts = dict(GROUP=group, D=d, CAUSAL=causal, PREC=dot_precision(q.dtype))
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *common)
+    dq_args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common)
+    return dkdv_args, dq_args, consts
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                    causal: bool, softmax_scale: float, config: dict | None = None):
     """All contiguous: dout/out/q (Tq, Hq, D), k/v (Tk, Hkv, D), lse (Hq, Tq) fp32 -> dq, dk, dv (input dtypes).
 
-    config: {"dkdv": {...}, "dq": {...}} tile settings; default autotuned on GPU, fixed small tiles when interpreting.
+    config: {"dkdv": {...}, "dq": {...}} tile settings; default autotuned over bwd_spaces(dtype) on a GPU (their first
+    configs when QLFAST_TRITON_AUTOTUNE=0), fixed small tiles when interpreting.
     """
     tq, hq, d = q.shape
     hkv = k.shape[1]
-    group = hq // hkv
     nseq = cu_seqlens_q.numel() - 1
     if tq == 0 or k.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -219,20 +257,22 @@ def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     blk = 16 if interpreting() else 64
     _delta_kernel[(triton.cdiv(tq, blk), hq)](out, dout, delta, tq, out.stride(0), out.stride(1), dout.stride(0),
                                               dout.stride(1), delta.stride(0), D=d, BLOCK=blk)
-    qk_scale = softmax_scale * LOG2E
-    common = (qk_scale, softmax_scale, seq_bucket(max(max_seqlen_q, max_seqlen_k)), q.stride(0), q.stride(1),
-              k.stride(0), k.stride(1), dout.stride(0), dout.stride(1), lse.stride(0))
-    consts = dict(GROUP=group, D=d, CAUSAL=causal, PREC=dot_precision(q.dtype))
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *common)
-    dq_args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common)
+    dkdv_args, dq_args, consts = bwd_launch_args(dout, q, k, v, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                                                 max_seqlen_q, max_seqlen_k, causal, softmax_scale)
     dkdv_grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), nseq * hkv)  # noqa: E731
     dq_grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nseq * hq)  # noqa: E731
     if config is None and not interpreting():
-        dkdv_kernel, dq_kernel = _tuned()
-        dkdv_kernel[dkdv_grid](*dkdv_args, HKV=hkv, **consts)
-        dq_kernel[dq_grid](*dq_args, HQ=hq, **consts)
-        return dq, dk, dv
+        if autotuning():
+            dkdv_kernel, dq_kernel = bwd_tuned(q.dtype == torch.float32)
+            dkdv_kernel[dkdv_grid](*dkdv_args, HKV=hkv, **consts)
+            dq_kernel[dq_grid](*dq_args, HQ=hq, **consts)
+            LAST_CONFIG["flash_bwd_dkdv"] = config_dict(dkdv_kernel.best_config)
+            LAST_CONFIG["flash_bwd_dq"] = config_dict(dq_kernel.best_config)
+            return dq, dk, dv
+        s_dkdv, s_dq = bwd_spaces(q.dtype)
+        config = {"dkdv": config_dict(configs(s_dkdv)[0]), "dq": config_dict(configs(s_dq)[0])}
     cfg = config or INTERPRET_BWD
     _dkdv_kernel[dkdv_grid(cfg["dkdv"])](*dkdv_args, HKV=hkv, **consts, **cfg["dkdv"])
     _dq_kernel[dq_grid(cfg["dq"])](*dq_args, HQ=hq, **consts, **cfg["dq"])
+    LAST_CONFIG["flash_bwd_dkdv"], LAST_CONFIG["flash_bwd_dq"] = dict(cfg["dkdv"]), dict(cfg["dq"])
     return dq, dk, dv

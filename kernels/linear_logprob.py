@@ -23,6 +23,8 @@ The dW / dh GEMMs are cuBLAS (torch.mm) on GPU: they are plain GEMMs with no epi
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -74,24 +76,63 @@ def _logit_tile(H, W, rows_c, cols_c, K, stride_h, stride_w, IEEE: tl.constexpr,
     return acc
 
 
-def _gpu_configs():
-    # H100 bf16 GEMM-shaped tiles (Triton's matmul tutorial: 128x256x64, 8 warps, 3 stages is the best Hopper config)
-    cfg = lambda n, v, k, w, s: triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "GROUP_N": 8},
-                                              num_warps=w, num_stages=s)
-    return [cfg(128, 256, 64, 8, 3), cfg(128, 256, 64, 8, 4), cfg(256, 128, 64, 8, 3), cfg(256, 128, 64, 8, 4),
-            cfg(128, 256, 128, 8, 2), cfg(128, 128, 64, 8, 4), cfg(128, 128, 64, 4, 4)]
+def _config(n, v, k, w, s):
+    return triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "GROUP_N": 8}, num_warps=w, num_stages=s)
 
 
+# 16-bit inputs: H100 bf16 GEMM-shaped tiles (Triton's matmul tutorial: 128x256x64, 8 warps, 3 stages is the best
+# Hopper config; it was the autotuner's pick for both kernels on the H100 run of docs/perf/linear_logprob.md).
+CONFIGS = [_config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(256, 128, 64, 8, 3),
+           _config(256, 128, 64, 8, 4), _config(128, 256, 128, 8, 2), _config(128, 128, 64, 8, 4),
+           _config(128, 128, 64, 4, 4)]
+# fp32 inputs (ieee dots, a test path): small tiles of their own; at the tiles above Triton 3.6 spills and spends
+# 4-57 s compiling each config (ENVIRONMENT.md).
+CONFIGS_FP32 = [_config(64, 64, 32, 4, 2)]
 # The interpreter runs one fixed small config (autotuning there would take minutes); block dims >= 16 for tl.dot.
 _INTERP_META = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_K": 32, "GROUP_N": 4}
 _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
+LAST_CONFIG: dict[str, dict] = {}
+"""kernel name -> the config of its last launch (the autotuner's pick, or the fixed one), for benchmark rows."""
 
 
-def _tune(kernel, key):
-    kernel = triton.heuristics(_EVEN_K)(kernel)
-    if INTERPRET:
-        return kernel
-    return triton.autotune(configs=_gpu_configs(), key=key)(kernel)
+def autotuning() -> bool:
+    """QLFAST_TRITON_AUTOTUNE=0 launches the first config of the list instead of autotuning (correctness tests)."""
+    return os.environ.get("QLFAST_TRITON_AUTOTUNE", "1") != "0"
+
+
+def config_dict(cfg: triton.Config) -> dict:
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def configs_for(dtype: torch.dtype) -> list[triton.Config]:
+    return CONFIGS_FP32 if dtype == torch.float32 else CONFIGS
+
+
+class _Kernel:
+    """One @triton.jit kernel with EVEN_K by heuristic, autotuned per dtype family on a GPU."""
+
+    def __init__(self, name, fn, key):
+        self.name, self.fn, self.key = name, triton.heuristics(_EVEN_K)(fn), key
+        self._tuned = {}
+
+    def tuned(self, fp32: bool):
+        if fp32 not in self._tuned:
+            self._tuned[fp32] = triton.autotune(configs=CONFIGS_FP32 if fp32 else CONFIGS, key=self.key)(self.fn)
+        return self._tuned[fp32]
+
+    def launch(self, grid, args, consts, dtype, config: dict | None):
+        """grid(meta) -> grid; config forces one {BLOCK_N, BLOCK_V, BLOCK_K, GROUP_N, num_warps, num_stages}."""
+        if config is None and INTERPRET:
+            config = dict(_INTERP_META)
+        elif config is None and autotuning():
+            kernel = self.tuned(dtype == torch.float32)
+            kernel[grid](*args, **consts)
+            LAST_CONFIG[self.name] = config_dict(kernel.best_config)
+            return
+        elif config is None:
+            config = config_dict(configs_for(dtype)[0])
+        self.fn[grid(config)](*args, **consts, **config)
+        LAST_CONFIG[self.name] = dict(config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,6 +143,7 @@ def _tune(kernel, key):
 def _fwd_kernel(H, W, T, PM, PS, PZ, ZT, N, V, K, stride_h, stride_w, inv_temp, n_seg, SEG: tl.constexpr,
                 WITH_ENTROPY: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+    stride_h, stride_w = tl.cast(stride_h, tl.int64), tl.cast(stride_w, tl.int64)  # row x stride in int64
     pid_n, pid_s = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_seg, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -135,28 +177,33 @@ def _fwd_kernel(H, W, T, PM, PS, PZ, ZT, N, V, K, stride_h, stride_w, inv_temp, 
         tl.store(PZ + off, pz, mask=row_ok)
 
 
-_fwd = _tune(_fwd_kernel, key=["K", "V", "WITH_ENTROPY"])
+FWD = _Kernel("linear_logprob_fwd", _fwd_kernel, key=["K", "V", "WITH_ENTROPY"])
 
 
-def _meta():
-    return dict(_INTERP_META) if INTERPRET else {}
+def fwd_launch_args(hidden, weight, targets, pm, ps, pz, zt, inv_temp: float, with_entropy: bool):
+    """(args, constexprs, grid) of the forward kernel; tensors may be shape-only stand-ins (warm-up)."""
+    n, k = hidden.shape
+    vocab = weight.shape[0]
+    n_seg = triton.cdiv(vocab, SEG_V)
+    args = (hidden, weight, targets, pm, ps, pz, zt, n, vocab, k, hidden.stride(0), weight.stride(0), float(inv_temp),
+            n_seg)
+    consts = dict(SEG=SEG_V, WITH_ENTROPY=with_entropy, IEEE=hidden.dtype == torch.float32)
+    return args, consts, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_seg,)
 
 
 def linear_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float,
-                       with_entropy: bool):
+                       with_entropy: bool, config: dict | None = None):
     """hidden (N, H), weight (V, H) contiguous, same dtype; targets (N,) int64 -> logprob, entropy|None, lse (N,)
-    in fp32."""
-    n, k = hidden.shape
+    in fp32. config forces one tile config (default: autotuned over configs_for(dtype) on a GPU)."""
+    n = hidden.shape[0]
     vocab = weight.shape[0]
     n_seg = triton.cdiv(vocab, SEG_V)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     pm, ps = torch.empty(n_seg, n, **f32), torch.empty(n_seg, n, **f32)  # (segments, N) partial max / sum-exp
     pz = torch.empty(n_seg, n, **f32) if with_entropy else ps
     zt = torch.empty(n, **f32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_seg,)
-    _fwd[grid](hidden, weight, targets, pm, ps, pz, zt, n, vocab, k, hidden.stride(0), weight.stride(0),
-               float(inv_temp), n_seg, SEG=SEG_V, WITH_ENTROPY=with_entropy,
-               IEEE=hidden.dtype == torch.float32, **_meta())
+    args, consts, grid = fwd_launch_args(hidden, weight, targets, pm, ps, pz, zt, inv_temp, with_entropy)
+    FWD.launch(grid, args, consts, hidden.dtype, config)
     # merge the segments: lse = M + log sum_s S_s exp(m_s - M); sum p z = sum_s PZ_s exp(m_s - M) / sum-exp
     mx = pm.max(0).values
     scale = torch.exp(pm - mx)
@@ -178,6 +225,8 @@ def linear_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 def _dz_kernel(H, W, T, LSE, ENT, GLP, GENT, DZ, N, V, K, v_start, vc, stride_h, stride_w, stride_dz, inv_temp,
                HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+    stride_h, stride_w, stride_dz = tl.cast(stride_h, tl.int64), tl.cast(stride_w, tl.int64), tl.cast(stride_dz,
+                                                                                                      tl.int64)
     pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(vc, BLOCK_V), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -205,7 +254,17 @@ def _dz_kernel(H, W, T, LSE, ENT, GLP, GENT, DZ, N, V, K, v_start, vc, stride_h,
     tl.store(ptrs, dz.to(DZ.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-_dz = _tune(_dz_kernel, key=["K", "HAS_GLP", "HAS_GENT"])
+DZ = _Kernel("linear_logprob_dz", _dz_kernel, key=["K", "HAS_GLP", "HAS_GENT"])
+
+
+def dz_launch_args(hidden, weight, targets, lse, ent, glp, gent, dz_buf, v0: int, width: int, inv_temp: float,
+                   has_glp: bool, has_gent: bool):
+    """(args, constexprs, grid) of the dz kernel for one chunk; tensors may be shape-only stand-ins (warm-up)."""
+    n, k = hidden.shape
+    args = (hidden, weight, targets, lse, ent, glp, gent, dz_buf, n, weight.shape[0], k, v0, width, hidden.stride(0),
+            weight.stride(0), dz_buf.stride(0), float(inv_temp))
+    consts = dict(HAS_GLP=has_glp, HAS_GENT=has_gent, IEEE=hidden.dtype == torch.float32)
+    return args, consts, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(width, meta["BLOCK_V"]),)
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -236,8 +295,9 @@ def dz_chunk_cols(n: int, vocab: int, elem_bytes: int, chunk_bytes: int = DZ_CHU
 
 
 def linear_logprob_bwd(hidden, weight, targets, lse, entropy, grad_logprob, grad_entropy, inv_temp: float,
-                       chunk_bytes: int = DZ_CHUNK_BYTES):
-    """-> dhidden (N, H) in hidden's dtype, dweight (V, H) in weight's dtype; both accumulated in fp32."""
+                       chunk_bytes: int = DZ_CHUNK_BYTES, config: dict | None = None):
+    """-> dhidden (N, H) in hidden's dtype, dweight (V, H) in weight's dtype; both accumulated in fp32. config forces
+    one tile config of the dz kernel (default: autotuned over configs_for(dtype) on a GPU)."""
     n, k = hidden.shape
     vocab = weight.shape[0]
     dweight = torch.empty_like(weight)
@@ -251,10 +311,9 @@ def linear_logprob_bwd(hidden, weight, targets, lse, entropy, grad_logprob, grad
     dh = torch.zeros(n, k, dtype=torch.float32, device=hidden.device)  # (N, H) fp32 accumulator
     for v0 in range(0, vocab, vc):
         width = min(vc, vocab - v0)
-        grid = lambda meta, w=width: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)
-        _dz[grid](hidden, weight, targets, lse, ent, glp, gent, dz_buf, n, vocab, k, v0, width, hidden.stride(0),
-                  weight.stride(0), dz_buf.stride(0), float(inv_temp), HAS_GLP=grad_logprob is not None,
-                  HAS_GENT=grad_entropy is not None, IEEE=hidden.dtype == torch.float32, **_meta())
+        args, consts, grid = dz_launch_args(hidden, weight, targets, lse, ent, glp, gent, dz_buf, v0, width, inv_temp,
+                                            grad_logprob is not None, grad_entropy is not None)
+        DZ.launch(grid, args, consts, hidden.dtype, config)
         dz = dz_buf[:, :width]  # (N, width)
         w_chunk = weight[v0:v0 + width]  # (width, H)
         # dW[chunk] = dz^T @ h: the sum over all N rows happens inside one fp32-accumulating GEMM, written once.

@@ -14,8 +14,6 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-import torch
-
 from qlfast.rl.curriculum import Phase
 
 
@@ -38,7 +36,8 @@ class ModelConfig:
     dtype: str = "float32"
     """Compute dtype of forward and backward (bfloat16 on GPU), and of the HF export and the rollout engine."""
     attention_backend: str = "auto"
-    """Attention: auto, triton, cuda, torch (qlfast.ops.flash_attention) or sdpa (per-sequence torch SDPA)."""
+    """Attention (qlfast.ops.flash_attention): auto (triton on CUDA, sdpa on CPU), triton, torch, sdpa (CPU),
+    flash_attn (CUDA)."""
     logprob_backend: str = "auto"
     """linear_logprob / policy_loss backend: auto, triton, cuda, torch."""
     checkpointing: bool = False
@@ -266,11 +265,7 @@ def tiny() -> Config:
     Trains 1000 SFT steps, then two curriculum phases of 50 RL steps (120- then 200-token prompts, 48-token
     responses) at 16 prompts x 8 responses: the run whose held-out accuracy the README reports (about 3 minutes on
     2 cores). The amounts were chosen on this machine so that SFT converges and each RL phase moves accuracy."""
-    cfg = Config()
-    if not torch.cuda.is_available():
-        # no flash kernel on CPU: per-sequence SDPA is the fastest exact attention there
-        cfg.model.attention_backend = "sdpa"
-    return cfg
+    return Config()
 
 
 def qwenlong_l1_32b() -> Config:

@@ -98,5 +98,63 @@ def skip_gpu_items_without_cuda(items) -> None:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        # the marker, not item.keywords: keywords also hold the names of the parent nodes (a checkout in a folder
+        # named "gpu" would skip every test)
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+class _StandInDriver:
+    """Triton's active driver on a machine without a GPU: names a CUDA target, launches nothing."""
+
+    def __init__(self, capability: int, warp_size: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", capability, warp_size)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def offline_cuda_target(capability: int = 90, warp_size: int = 32):
+    """Context manager: Triton compiles for an NVIDIA GPU (default sm_90, Hopper: H100/H200) where none is present.
+
+    Inside it, `jit_fn.warmup(*args, grid=(1,), **constexprs)` runs Triton's whole pipeline (TTIR, TTGIR, LLVM IR,
+    PTX, and ptxas to a cubin) and launches nothing, so a CPU machine can check that kernels still compile for the
+    GPU and read their IR. The kernels must be JIT functions (TRITON_INTERPRET=0 when they were decorated)."""
+    import contextlib
+
+    from triton.runtime import driver
+
+    @contextlib.contextmanager
+    def ctx():
+        previous = driver._active
+        driver.set_active(_StandInDriver(capability, warp_size))
+        try:
+            yield
+        finally:
+            driver._active = previous
+
+    return ctx()
+
+
+def one_triton_config():
+    """An autouse pytest fixture for kernel test modules (`_one_config = one_triton_config()`): the Triton kernels
+    launch the first config of their autotune list (QLFAST_TRITON_AUTOTUNE=0) instead of compiling and timing every
+    config at every new shape: one compile per kernel on a GPU. tests/test_triton_configs.py checks every config."""
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def _fixture(monkeypatch):
+        monkeypatch.setenv("QLFAST_TRITON_AUTOTUNE", "0")
+
+    return _fixture

@@ -1,13 +1,15 @@
-"""LSE merge of partial attention (qlfast.parallel.merge, kernels/attn_merge.py): merging attention over two halves
+"""LSE merge of partial attention (qlfast.ops.attn_merge, kernels/attn_merge.py): merging attention over two halves
 of a key set equals attention over all keys (float64 reference); -inf rows; huge lse; subsets of rows."""
 
 import pytest
 import torch
 
+from qlfast.ops.attn_merge import merge_attn_
 from qlfast.ops.flash_attention import flash_attn_varlen_fwd
-from qlfast.parallel.merge import merge_attn_
 from qlfast.ref.attention import naive_attention
-from qlfast.testing import assert_close_vs_ref
+from qlfast.testing import assert_close_vs_ref, one_triton_config
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 BACKENDS = ["torch", "triton"]
 # the interpreter evaluates both sides of tl.where in numpy: -inf - -inf on masked lanes warns, the result is discarded

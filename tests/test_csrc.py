@@ -6,7 +6,8 @@
   (the ATen headers are parsed once: ~30 s on 2 cores instead of ~60), and no kernel may spill registers.
 - gpu tests: the cuda backend of linear_logprob (fwd, both gradients, entropy, temperature, ignored rows, several
   vocabulary chunks with a ragged and an odd-width last one) and attn_merge_ against float64, the error bounded by a
-  small multiple of the same-dtype eager torch error (qlfast.testing.assert_close_vs_ref); fake kernels via opcheck;
+  small multiple of the same-dtype eager torch error (qlfast.testing.assert_close_vs_ref), and the bf16 forward
+  within a small multiple of the triton backend's error (fp32 logits in the epilogue); fake kernels via opcheck;
   the memory contract via max_memory_allocated.
 """
 
@@ -25,7 +26,9 @@ import pytest
 import torch
 
 from qlfast.ref import linear_logprob as ref
-from qlfast.testing import assert_close_vs_ref
+from qlfast.testing import assert_close_vs_ref, one_triton_config
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -160,6 +163,21 @@ def test_linear_logprob_cuda_vs_float64(cuda_ops, monkeypatch, dtype, n, h, v, c
     dh, dw = cuda_ops.linear_logprob_bwd(hidden, weight, targets, lse, None, g1, None, inv_t)
     assert_close_vs_ref("dhidden (logprob only)", dh, dh64, dh_e)
     assert_close_vs_ref("dweight (logprob only)", dw, dw64, dw_e)
+
+
+@pytest.mark.gpu
+def test_linear_logprob_cuda_as_accurate_as_triton(cuda_ops):
+    """bf16 inputs: the chunk GEMM writes fp32 logits, so the cuda backend's log-probs, entropy and lse are as accurate
+    as the triton backend's (fp32 logits in registers), not rounded to bf16 first like same-dtype eager torch."""
+    from qlfast.kernels import linear_logprob as tri
+
+    hidden, weight, targets, _, _ = _inputs(2049, 1024, 32003, torch.bfloat16, seed=13)
+    ref64 = ref.forward(hidden.double(), weight.double(), targets, 1.0, True)
+    got_cuda = cuda_ops.linear_logprob_fwd(hidden, weight, targets, 1.0, True)
+    got_tri = tri.linear_logprob_fwd(hidden, weight, targets, 1.0, True)
+    floor = 4 * torch.finfo(torch.float32).eps
+    for name, c, t, r in zip(("logprob", "entropy", "lse"), got_cuda, got_tri, ref64):
+        assert_close_vs_ref(f"cuda {name} vs triton's error", c, r, t, floor=floor)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,9 @@ import torch
 
 from qlfast.ops.flash_attention import flash_attention, flash_attn_varlen_bwd, flash_attn_varlen_fwd
 from qlfast.ref.attention import naive_attention
-from qlfast.testing import assert_close_vs_ref, poison_
+from qlfast.testing import assert_close_vs_ref, one_triton_config, poison_
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -157,13 +159,25 @@ def test_torch_backend_separate_ranges_fp64():
     _check_vs_reference(lens_q, lens_k, 4, 1, 128, True, torch.float64, _run_lowlevel("torch", True, lens_q, lens_k))
 
 
-def test_auto_backend_on_cpu_is_torch():
+def test_auto_backend_on_cpu_is_sdpa():
+    """On CPU auto is ATen's CPU flash kernel (sdpa) for any head dim, and the reference where sdpa cannot take the
+    q/kv ranges (causal with Lq != Lk); both agree with the torch reference."""
     if DEV != "cpu":
         pytest.skip("CPU dispatch")
-    q, k, v, _ = _inputs((20, 11), (20, 11), 4, 2, 64, torch.float32)
-    cu = _cu((20, 11))
-    for a, b in zip(flash_attention(q, k, v, cu), flash_attention(q, k, v, cu, backend="torch")):
-        assert torch.equal(a, b)
+    for d in (64, 48):
+        q, k, v, _ = _inputs((20, 11), (20, 11), 4, 2, d, torch.float32)
+        cu = _cu((20, 11))
+        auto, sdpa, ref = (flash_attention(q, k, v, cu, backend=b) for b in ("auto", "sdpa", "torch"))
+        for a, b, r in zip(auto, sdpa, ref):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    from qlfast.ops.flash_attention import TABLE
+
+    cu_q, cu_k = _cu((5, 9)), _cu((7, 9))
+    assert TABLE.resolve("auto", torch.device("cpu"), d=64, cu_q=cu_q, cu_k=cu_k, causal=True) == "torch"
+    assert TABLE.resolve("auto", torch.device("cpu"), d=64, cu_q=cu_q, cu_k=cu_k, causal=False) == "sdpa"
+    assert TABLE.resolve("auto", torch.device("cuda"), d=64, dtype=torch.bfloat16) in ("triton", "flash_attn")
+    assert TABLE.resolve("auto", torch.device("cuda"), d=48, dtype=torch.float32) == "torch"
 
 
 def test_bad_inputs():
@@ -171,8 +185,8 @@ def test_bad_inputs():
     cu = _cu((20, 11))
     with pytest.raises(ValueError, match="multiple of Hkv"):
         flash_attention(q[:, :5], k, v, cu)
-    with pytest.raises(ValueError, match="head dim"):
-        flash_attention(q[..., :48], k[..., :48], v[..., :48], cu)
+    with pytest.raises(ValueError, match="head dim"):  # the triton kernels' D; auto takes any D (test above)
+        flash_attention(q[..., :48], k[..., :48], v[..., :48], cu, backend="triton")
     with pytest.raises(ValueError, match="int32"):
         flash_attention(q, k, v, cu.long())
     with pytest.raises(ValueError, match="from 0 to T=31"):

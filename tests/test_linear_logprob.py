@@ -10,7 +10,9 @@ from qlfast.kernels import linear_logprob as tri
 from qlfast.ops.linear_logprob import IGNORE_INDEX, linear_logprob, linear_logprob_with_lse
 from qlfast.ref import linear_logprob as ref
 from qlfast.ref.linear_logprob import naive_linear_logprob
-from qlfast.testing import assert_close_vs_ref, poison_
+from qlfast.testing import assert_close_vs_ref, one_triton_config, poison_
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 N, H = 97, 72
 
@@ -150,6 +152,22 @@ def test_bad_dtype_temperature_backend():
         linear_logprob(h, w, t, backend="fast")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         linear_logprob(h, w, t, backend="cuda")
+
+
+def test_auto_rule_prefers_measured_triton_over_unmeasured_cuda(monkeypatch):
+    """auto on CUDA tensors is triton even when qlfast._C is built: the cuda backend goes ahead only once a GPU row
+    shows it faster (qlfast.ops._dispatch); on CPU it is the torch reference; an explicit backend says why it cannot
+    run."""
+    from qlfast.ops import _dispatch
+    from qlfast.ops.linear_logprob import TABLE
+
+    monkeypatch.setattr(_dispatch, "has_cuda_op", lambda name: True)
+    assert TABLE.resolve("auto", torch.device("cuda")) == "triton"
+    assert TABLE.resolve("cuda", torch.device("cuda")) == "cuda"
+    assert TABLE.resolve("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(_dispatch, "has_cuda_op", lambda name: False)
+    with pytest.raises(ValueError, match="qlfast._C extension"):
+        TABLE.resolve("cuda", torch.device("cuda"))
 
 
 @pytest.mark.gpu

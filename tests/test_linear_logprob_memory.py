@@ -17,6 +17,9 @@ import torch
 
 from qlfast.ops.linear_logprob import linear_logprob
 from qlfast.ref.linear_logprob import naive_linear_logprob
+from qlfast.testing import one_triton_config
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 N, V, H = 8192, 32768, 64
 FULL_LOGITS = N * V * 4  # 1 GiB

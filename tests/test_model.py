@@ -10,7 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 from qlfast.model import QwenForCausalLM, positions_from_cu_seqlens, token_logprobs
-from qlfast.testing import assert_close_vs_ref, rel_err
+from qlfast.testing import assert_close_vs_ref, one_triton_config, rel_err
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 V = 301
 
@@ -189,6 +191,116 @@ def test_save_load_round_trip_with_transformers(model_type, tmp_path):
     assert back.lm_head_weight.shape == (V, 128)
 
 
+def test_from_pretrained_default_options_run_on_cpu(tmp_path):
+    """The tiny preset's shape (head dim 32, which the triton kernels do not take) loads with default options and
+    trains on CPU: attn_backend "auto" resolves to the sdpa backend there, and matches the torch reference."""
+    cfg = tiny("qwen2", hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=None,
+               num_hidden_layers=2)
+    QwenForCausalLM.from_config(cfg, seed=3).save_pretrained(tmp_path / "m")
+    model = QwenForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    assert model.options.attn_backend == "auto" and model.attention_backend() == "sdpa"
+    ids, cu, targets = _batch([40, 9, 23], seed=2)
+    weights = torch.randn(ids.shape[0])
+    lp, g = _ours_lp_grads(model, ids, cu, targets, weights)
+    model.set_options(attn_backend="torch")
+    lp_ref, g_ref = _ours_lp_grads(model, ids, cu, targets, weights)
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=1e-5)
+    for n in g_ref:
+        assert rel_err(g[n], g_ref[n]) < 1e-5, n
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts on CPU tensors through the Triton interpreter")
+def test_no_host_read_per_layer(monkeypatch):
+    """A forward reads cu_seqlens on the host once (check + max_seqlen), whatever the number of layers: the layers'
+    attention is called with check=False. Counted on the triton backend (the interpreter here), which itself reads
+    nothing on the host."""
+    calls = []
+    for name in ("tolist", "item", "__bool__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    ids, cu, _ = _batch([20, 13], seed=1)
+    counts = {}
+    for layers in (1, 3):
+        model = QwenForCausalLM.from_config(tiny("qwen2", num_hidden_layers=layers), seed=0)
+        model.set_options(attn_backend="triton")
+        calls.clear()
+        with torch.no_grad():
+            model(ids, None, cu)
+        counts[layers] = len(calls)
+    assert counts[1] == counts[3] == 1, counts
+
+
+def test_offload_host_buffers_do_not_grow_with_varying_lengths():
+    """One host buffer per layer, reused across steps and grown to the next power of two only when a longer batch
+    needs it: micro-batches of varying length (as RL batches are) do not add buffers. Pooling by exact shape, as
+    before, added L buffers per new length."""
+    from qlfast.model.activation_checkpoint import size_class
+
+    model = QwenForCausalLM.from_config(tiny("qwen2", num_hidden_layers=3, intermediate_size=64), seed=0)
+    model.set_options(checkpoint=True, offload=True)
+    off, h, item = model._offloader, 128, 4
+    seen = []
+    for step, lengths in enumerate(([60, 40], [33, 20], [130], [51, 7])):
+        ids, cu, targets = _batch(lengths, seed=step)
+        lp = token_logprobs(model, ids, None, cu, targets, backend="torch")
+        lp.sum().backward()
+        model.zero_grad(set_to_none=True)
+        seen.append(ids.shape[0])
+        assert len(off._slots) == 3, "one host buffer per layer"
+        # each slot holds the largest input so far, rounded up to a power of two
+        assert off.host_bytes() == 3 * size_class(max(seen) * h * item), (step, off.host_bytes())
+        assert all(not s.busy for s in off._slots)
+    bytes_after = off.host_bytes()
+    for lengths in ([25], [80, 50]):  # within the size class already held
+        ids, cu, targets = _batch(lengths, seed=9)
+        token_logprobs(model, ids, None, cu, targets, backend="torch").sum().backward()
+    assert off.host_bytes() == bytes_after
+
+
+def test_offload_two_forwards_before_backward_keep_their_inputs():
+    """Two graphs alive at once (two forwards, then both backwards): the second forward must not overwrite the
+    first's offloaded inputs in the reused host buffers (it gets one-off buffers for busy slots)."""
+    model = QwenForCausalLM.from_config(tiny("qwen2", num_hidden_layers=2, intermediate_size=64), seed=0)
+    ids1, cu1, t1 = _batch([30, 10], seed=1)
+    ids2, cu2, t2 = _batch([25, 15], seed=2)
+    w1, w2 = torch.randn(40), torch.randn(40)
+
+    def both(m):
+        m.zero_grad(set_to_none=True)
+        a = token_logprobs(m, ids1, None, cu1, t1, backend="torch")
+        b = token_logprobs(m, ids2, None, cu2, t2, backend="torch")
+        ((a * w1).sum() + (b * w2).sum()).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    g0 = both(model)
+    model.set_options(checkpoint=True, offload=True)
+    g1 = both(model)
+    for n in g0:
+        assert rel_err(g1[n], g0[n]) < 1e-5, n
+
+
+def test_liger_is_opt_in(monkeypatch):
+    """An installed liger_kernel does not switch the model to Liger kernels: only use_liger=True does."""
+    import qlfast.model.qwen as qwen
+
+    monkeypatch.setattr(qwen, "_liger_available", lambda: True)
+    model = QwenForCausalLM.from_config(tiny("qwen2", num_hidden_layers=1), seed=0)
+    assert model.options.use_liger is False
+    assert not any(getattr(m, "use_liger", False) for m in model.modules())
+    model.set_options(use_liger=True)
+    assert all(m.use_liger for m in model.modules() if hasattr(m, "use_liger"))
+    monkeypatch.setattr(qwen, "_liger_available", lambda: False)
+    with pytest.raises(ValueError, match="liger_kernel is not installed"):
+        model.set_options(use_liger=True)
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        model.set_options(use_liger=False, attn_backend="cuda")
+
+
 def test_bad_input_raises():
     model = QwenForCausalLM.from_config(tiny("qwen2", num_hidden_layers=1), seed=0)
     with pytest.raises(ValueError, match=r"packed \(T,\)"):
@@ -224,9 +336,10 @@ def test_gpu_bf16_against_fp64(opts):
         assert_close_vs_ref(f"grad {n}", g[n].float().cpu(), g64[n], g_hf[n].float().cpu(), mult=3.0)
 
 
-@pytest.mark.parametrize("lengths", [[30, 27, 33, 1], [5, 90, 2]])  # dense padded path, and the per-sequence loop
+@pytest.mark.parametrize("lengths", [[30, 27, 33, 1], [5, 90, 2]])  # one padded bucket, and several
 def test_sdpa_varlen_matches_reference(lengths):
-    from qlfast.model.qwen import _sdpa_varlen
+    """The model's "sdpa" attention is qlfast.ops.flash_attention's sdpa backend (the one sdpa varlen path)."""
+    from qlfast.ops.flash_attention import flash_attention
     from qlfast.ref.attention import naive_attention
 
     torch.manual_seed(0)
@@ -235,7 +348,7 @@ def test_sdpa_varlen_matches_reference(lengths):
     q = torch.randn(t, 4, 32, dtype=torch.float64, requires_grad=True)
     k = torch.randn(t, 2, 32, dtype=torch.float64, requires_grad=True)
     v = torch.randn(t, 2, 32, dtype=torch.float64, requires_grad=True)
-    out = _sdpa_varlen(q, k, v, cu, 32 ** -0.5)
+    out = flash_attention(q, k, v, cu, softmax_scale=32 ** -0.5, backend="sdpa")[0]
     ref = naive_attention(q, k, v, cu, cu, causal=True, softmax_scale=32 ** -0.5)[0]
     assert torch.allclose(out, ref, atol=1e-10)
     g = torch.randn_like(out)

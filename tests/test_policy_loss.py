@@ -17,7 +17,9 @@ from qlfast.ops._dispatch import has_cuda_op
 from qlfast.ops.policy_loss import LOSS_AGGS, METRIC_REDUCE, PolicyLossConfig, policy_loss
 from qlfast.ref.linear_logprob import naive_linear_logprob
 from qlfast.ref.policy_loss import policy_loss_reference
-from qlfast.testing import assert_close_vs_ref
+from qlfast.testing import assert_close_vs_ref, one_triton_config
+
+_one_config = one_triton_config()  # one autotune config per kernel on a GPU
 
 SEQ_LENS = (20, 1, 30, 17, 29)  # N = 97; sequence 1 has one token, sequence 3 is fully masked
 SEQ_ADV = (1.3, -0.7, -1.1, 0.9, 0.0)  # sequence 4: a zero-advantage group (all rewards equal)
@@ -182,6 +184,52 @@ def test_k3_clamps_extreme_reference():
     cfg = dataclasses.replace(FULL, kl_coef=0.5, kl_type="k3")
     got, _ = compare(case, cfg)
     assert all(torch.isfinite(t).all() for t in got[:1] + got[2:])
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_far_off_policy_token_cannot_overflow_the_loss(dual_clip):
+    """One token with log(pi / pi_old) = 1000 (a stale or corrupt old log-prob): exp overflows to inf in fp32 and the
+    loss would be inf or NaN; the log-ratio is clamped to [-20, 20] first (op and reference alike), so the loss, its
+    gradients and the metrics stay finite and the op still matches the reference."""
+    case = make_case(seed=13)
+    bad = int(case["mask"].nonzero()[5, 0])
+    case["old_logprob"][bad] -= 1000.0  # ratio exp(~1000) at a loss token
+    case["advantages"][case["mask"]] = -case["advantages"][case["mask"]].abs() - 0.5  # A < 0: pg = -A r, unclipped
+    cfg = dataclasses.replace(FULL, dual_clip=dual_clip, tis_cap=None, kl_coef=0.0)
+    got, ref = compare(case, cfg)
+    for t in (got[0], got[2], got[3], *got[1].values()):
+        assert torch.isfinite(t).all()
+    assert got[1]["ratio_max"] == pytest.approx(math.exp(20.0), rel=1e-5)  # the clamp, not inf
+    # without the clamp, fp32 exp of the same log-ratio is inf: the test cannot pass by luck
+    assert torch.isinf(torch.exp(torch.tensor(1000.0)))
+
+
+def test_value_checks_cost_one_host_sync_and_none_when_off(monkeypatch):
+    """policy_loss checks targets, cu_seqlens and finiteness with ONE host read per call (check=True), none with
+    check=False; shapes are checked either way."""
+    case = cast(make_case(seed=14), torch.float32)
+    cfg = dataclasses.replace(FULL, tis_cap=None)
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _orig=orig, _name=name, **k):
+            reads.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    rest = {k: v for k, v in case.items() if k not in ("hidden", "weight", "targets", "advantages", "mask")}
+    args = (case["hidden"], case["weight"], case["targets"], case["advantages"], case["mask"])
+    policy_loss(*args, **rest, config=cfg, backend="torch")
+    checked = len(reads)
+    reads.clear()
+    policy_loss(*args, **rest, config=cfg, backend="torch", check=False)
+    unchecked = len(reads)
+    assert checked - unchecked == 1, (checked, unchecked)
+    assert unchecked == 0, reads
+    with pytest.raises(ValueError, match=r"advantages must be \(N,\)"):
+        policy_loss(case["hidden"], case["weight"], case["targets"], case["advantages"][:5], case["mask"],
+                    config=cfg, backend="torch", check=False)
 
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)

@@ -22,7 +22,8 @@ class ModelOptions:
     """How the model runs; every combination gives the same outputs and gradients up to rounding."""
 
     attn_backend: str = "auto"
-    """"auto" | "triton" | "cuda" | "torch" for qlfast.ops.flash_attention, or "sdpa" (per-sequence torch SDPA)."""
+    """qlfast.ops.flash_attention backend: "auto" (triton on CUDA, sdpa on CPU) | "triton" | "torch" | "sdpa" (CPU) |
+    "flash_attn" (CUDA, the flash-attn package)."""
     attention_fn: Callable | None = None
     """Sequence-parallel attention: fn(q, k, v, cu_seqlens, max_seqlen) -> out (T, Hq, D) (or (out, lse))."""
     checkpoint: bool = False
@@ -33,8 +34,8 @@ class ModelOptions:
     """Run the MLP over sequence tiles and recompute per tile in backward (only one tile's intermediate live)."""
     mlp_tile_tokens: int = 4096
     """Tokens per MLP tile when tiled_mlp."""
-    use_liger: bool | None = None
-    """Liger-Kernel RMSNorm / SwiGLU: None = when installed and on CUDA."""
+    use_liger: bool = False
+    """Liger-Kernel RMSNorm / SwiGLU on CUDA tensors (needs liger_kernel): opt-in, never switched on by an install."""
 
 
 def load_config(config) -> PretrainedConfig:

@@ -14,7 +14,11 @@ Per layer (pre-norm, Qwen2 = Llama + qkv bias; Qwen3 = no qkv bias + RMSNorm ove
 
 Memory (options in ModelOptions, all gradient-neutral): per-layer activation checkpointing keeps only each layer's
 input x (T, H) between forward and backward; `offload` moves those inputs to pinned CPU memory (ALST, Bekman et al.
-2025, sec. 3.3); `tiled_mlp` keeps one tile's (T_tile, I) intermediates instead of (T, I).
+2025, sec. 3.3; qlfast/model/activation_checkpoint.py); `tiled_mlp` keeps one tile's (T_tile, I) intermediates
+instead of (T, I).
+
+Host syncs: forward reads cu_seqlens on the host once (to check it and find max_seqlen; none when the caller passes
+max_seqlen without a prefix); the layers never do.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qlfast.model import checkpoint as ckpt
+from qlfast.model import activation_checkpoint as ckpt
 from qlfast.model import io
 from qlfast.model.config import ModelOptions, head_dim, load_config, qkv_bias
 from qlfast.model.rope import RotaryEmbedding, apply_rope
-from qlfast.model.tiled_mlp import tiled_mlp
+from qlfast.model.tiled_mlp import swiglu_mlp, tiled_mlp
+from qlfast.ops.flash_attention import TABLE as ATTENTION_BACKENDS
+from qlfast.ops.flash_attention import check_cu_seqlens, flash_attention
 from qlfast.ops.shared_prefix import SharedPrefix, check_layout, shared_prefix_attention
 
 
@@ -58,38 +63,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
-def _sdpa_varlen(q, k, v, cu_seqlens, scale, max_seqlen=None):
-    """Torch SDPA over packed sequences: a baseline and the CPU backend; q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D).
-
-    When padding costs little (S x Lmax <= 2T, as in RL batches of similar lengths) the sequences are scattered into one
-    right-padded (S, H, Lmax, D) batch and attended in ONE causal SDPA call: with right padding and a causal mask no
-    real query sees a pad key, so real rows are exact. Otherwise one call per sequence.
-    """
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    n_seq, total = lengths.numel(), q.shape[0]
-    lmax = int(lengths.max()) if max_seqlen is None else int(max_seqlen)
-    if n_seq > 1 and n_seq * lmax <= 2 * total:
-        seq = torch.repeat_interleave(torch.arange(n_seq, device=q.device), lengths.long(), output_size=total)
-        idx = seq * lmax + positions_from_cu_seqlens(cu_seqlens, total)  # (T,) slot in the padded batch
-
-        def dense(x):  # (T, H, D) -> (S, H, Lmax, D)
-            padded = x.new_zeros(n_seq * lmax, *x.shape[1:]).index_copy(0, idx, x)
-            return padded.view(n_seq, lmax, *x.shape[1:]).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(dense(q), dense(k), dense(v), is_causal=True, scale=scale, enable_gqa=True)
-        return o.transpose(1, 2).reshape(n_seq * lmax, *q.shape[1:]).index_select(0, idx)
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for s in range(len(bounds) - 1):
-        a, b = bounds[s], bounds[s + 1]
-        if b == a:
-            continue
-        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                                           is_causal=True, scale=scale, enable_gqa=True)
-        out[a:b] = o.transpose(0, 1)
-    return out
-
-
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -114,20 +87,16 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, cos, sin)
+        # cu_seqlens were checked once in QwenForCausalLM.forward: no layer reads them on the host (check=False)
         if prefix is not None:  # prompt-shared packing (qlfast/ops/shared_prefix.py)
-            backend = "auto" if opts.attn_backend == "sdpa" else opts.attn_backend  # auto: sdpa on CPU
             out, _ = shared_prefix_attention(q, k, v, cu_seqlens, prefix, max_seqlen=max_seqlen,
-                                             softmax_scale=self.scale, backend=backend, check=False)
+                                             softmax_scale=self.scale, backend=opts.attn_backend, check=False)
         elif opts.attention_fn is not None:
             out = opts.attention_fn(q, k, v, cu_seqlens, max_seqlen)
             out = out[0] if isinstance(out, tuple) else out
-        elif opts.attn_backend == "sdpa":
-            out = _sdpa_varlen(q, k, v, cu_seqlens, self.scale, max_seqlen)
         else:
-            from qlfast.ops.flash_attention import flash_attention
-
             out, _ = flash_attention(q, k, v, cu_seqlens, max_seqlen=max_seqlen, causal=True, softmax_scale=self.scale,
-                                     backend=opts.attn_backend)
+                                     backend=opts.attn_backend, check=False)
         return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
 
 
@@ -145,18 +114,6 @@ class MLP(nn.Module):
         if opts.tiled_mlp and x.shape[0] > opts.mlp_tile_tokens:
             return tiled_mlp(x, *w, tile_tokens=opts.mlp_tile_tokens, use_liger=self.use_liger)
         return swiglu_mlp(x, *w, use_liger=self.use_liger)
-
-
-def swiglu_mlp(x, w_gate, w_up, w_down, use_liger: bool = False):
-    """down(silu(gate(x)) * up(x)) (Shazeer 2020, SwiGLU); x (T, H), weights (I, H), (I, H), (H, I) -> (T, H)."""
-    gate, up = F.linear(x, w_gate), F.linear(x, w_up)
-    if use_liger and x.is_cuda:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-
-        act = LigerSiLUMulFunction.apply(gate, up)
-    else:
-        act = F.silu(gate) * up
-    return F.linear(act, w_down)
 
 
 class DecoderLayer(nn.Module):
@@ -253,15 +210,26 @@ class QwenForCausalLM(nn.Module):
             setattr(self.options, k, v)
         if self.options.offload and not self.options.checkpoint:
             raise ValueError("set_options: offload=True needs checkpoint=True (it offloads the checkpointed inputs)")
-        use_liger = self.options.use_liger
-        if use_liger is None:
-            use_liger = _liger_available() and torch.cuda.is_available()
-        elif use_liger and not _liger_available():
+        if self.options.attn_backend not in ATTENTION_BACKENDS.names:
+            raise ValueError(f"set_options: attn_backend must be one of {ATTENTION_BACKENDS.names}, got "
+                             f"{self.options.attn_backend!r}")
+        # Liger only when asked for: an installed liger_kernel must not silently change what "qlfast" measures
+        use_liger = bool(self.options.use_liger)
+        if use_liger and not _liger_available():
             raise ValueError("set_options: use_liger=True but liger_kernel is not installed")
         for mod in self.modules():
             if isinstance(mod, (RMSNorm, MLP)):
                 mod.use_liger = use_liger
         return self
+
+    def attention_backend(self, device=None) -> str:
+        """The attention backend that runs for this model on `device` (its parameters' device by default): what
+        options.attn_backend resolves to (qlfast.ops.flash_attention.TABLE), or "attention_fn" when one is set."""
+        if self.options.attention_fn is not None:
+            return "attention_fn"
+        device = device or self.model.embed_tokens.weight.device
+        return ATTENTION_BACKENDS.resolve(self.options.attn_backend, torch.device(device), d=head_dim(self.config),
+                                dtype=self.model.embed_tokens.weight.dtype)
 
     # --- forward --------------------------------------------------------------------------------------------------
     @property
@@ -288,12 +256,20 @@ class QwenForCausalLM(nn.Module):
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"QwenForCausalLM: cu_seqlens must be int32 (S+1,), got {cu_seqlens.dtype} "
                              f"{tuple(cu_seqlens.shape)}")
+        if self.options.attention_fn is not None:
+            # sequence parallel: cu_seqlens is the attention_fn's packing (a hybrid plan's covers the Ulysses group's
+            # tokens, not this rank's T), which its plan checked once per batch
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        elif max_seqlen is None or prefix is not None:
+            # the one host read of the batch's bounds (a device sync): checked here, not in every layer
+            bounds = check_cu_seqlens(cu_seqlens, t)
+            if max_seqlen is None:
+                max_seqlen = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, t)
         if position_ids.shape != (t,):
             raise ValueError(f"QwenForCausalLM: position_ids must be (T,) = ({t},), got {tuple(position_ids.shape)}")
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if prefix is not None:
             check_layout(cu_seqlens, prefix, t)  # once here; the layers skip the host-side checks
             prefix = prefix.to(input_ids.device)

@@ -1,4 +1,5 @@
-"""Tiled SwiGLU MLP: the sequence is processed in tiles and each tile is recomputed in backward (ALST, sec. 3.2).
+"""The SwiGLU MLP, plain (`swiglu_mlp`) and tiled (`tiled_mlp`): the sequence is processed in tiles and each tile is
+recomputed in backward (ALST, sec. 3.2).
 
 Memory contract: forward saves only x (T, H) and writes y (T, H); no (T, I) tensor outlives one tile. Backward
 recomputes gate/up/act for one tile of T_tile rows, back-propagates it, and writes that tile's rows of dx; the weight
@@ -13,12 +14,19 @@ result is an ordinary autograd edge: FSDP2's post-backward hooks and gradient ac
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-def _mlp(x, w_gate, w_up, w_down, use_liger):
-    from qlfast.model.qwen import swiglu_mlp
+def swiglu_mlp(x, w_gate, w_up, w_down, use_liger: bool = False):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020, SwiGLU); x (T, H), weights (I, H), (I, H), (H, I) -> (T, H)."""
+    gate, up = F.linear(x, w_gate), F.linear(x, w_up)
+    if use_liger and x.is_cuda:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-    return swiglu_mlp(x, w_gate, w_up, w_down, use_liger=use_liger)
+        act = LigerSiLUMulFunction.apply(gate, up)
+    else:
+        act = F.silu(gate) * up
+    return F.linear(act, w_down)
 
 
 class _TiledMLP(torch.autograd.Function):
@@ -27,7 +35,7 @@ class _TiledMLP(torch.autograd.Function):
         out = torch.empty(x.shape[0], w_down.shape[0], dtype=x.dtype, device=x.device)  # (T, H)
         with torch.no_grad():
             for a in range(0, x.shape[0], tile):
-                out[a:a + tile] = _mlp(x[a:a + tile], w_gate, w_up, w_down, use_liger)
+                out[a:a + tile] = swiglu_mlp(x[a:a + tile], w_gate, w_up, w_down, use_liger)
         ctx.save_for_backward(x, w_gate, w_up, w_down)
         ctx.tile, ctx.use_liger = tile, use_liger
         return out
@@ -44,7 +52,7 @@ class _TiledMLP(torch.autograd.Function):
             xt = x[a:a + ctx.tile].detach().requires_grad_(need_x)
             ws = [w.detach().requires_grad_(n) for w, n in zip(weights, need_w)]
             with torch.enable_grad():
-                y = _mlp(xt, *ws, ctx.use_liger)
+                y = swiglu_mlp(xt, *ws, ctx.use_liger)
             inputs = [t for t, n in zip([xt, *ws], [need_x, *need_w]) if n]
             grads = list(torch.autograd.grad(y, inputs, grad_out[a:a + ctx.tile]))
             if need_x:

@@ -11,9 +11,10 @@ differ, and a query row that sees no key gives out 0 and lse -inf. The low-level
 `flash_attn_varlen_fwd` / `flash_attn_varlen_bwd` take separate q and kv ranges for ring attention; their backward
 accepts the final merged out and lse of a ring.
 
-Backends: "auto" (triton on CUDA, torch on CPU), "triton", "torch", "flash_attn" when the flash-attn package is
-installed (CUDA only), and "sdpa" (CPU only, any head dim: ATen's flash kernel for CPU over padded buckets; see
-qlfast/ops/sdpa_varlen.py). Only "sdpa" takes head dims other than 64 and 128.
+Backends (TABLE below; qlfast/ops/_dispatch.py has the one rule for "auto"): "triton" (D in {64, 128}), "torch"
+(the reference, anything), "flash_attn" when the flash-attn package is installed (CUDA only), and "sdpa" (CPU only,
+any head dim: ATen's flash kernel for CPU over padded buckets; qlfast/ops/sdpa_varlen.py). auto: triton on CUDA
+(flash_attn, then torch, for other head dims), sdpa on CPU (torch where sdpa cannot take the q/kv ranges).
 """
 
 from __future__ import annotations
@@ -26,26 +27,57 @@ from qlfast.ops import _dispatch
 from qlfast.ops.sdpa_varlen import sdpa_varlen_bwd, sdpa_varlen_fwd
 from qlfast.ref import attention as _ref
 
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128)  # the triton kernels' D
 
 
 def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    if backend == "sdpa":
-        if device.type != "cpu":
-            raise ValueError(f"flash_attention: backend='sdpa' runs ATen's CPU flash kernel; got {device} tensors")
-        return backend
-    if backend == "flash_attn":
-        if device.type != "cuda" or not _has_flash_attn():
-            raise ValueError("flash_attention: backend='flash_attn' needs CUDA tensors and the flash_attn package")
-        return backend
-    return _dispatch.resolve(backend, device, op="flash_attention")
+def _triton_supports(d: int | None = None, **_) -> str | None:
+    if d is not None and d not in SUPPORTED_HEAD_DIMS:
+        return f"head dim D must be one of {SUPPORTED_HEAD_DIMS}, got {d}"
+    return None
 
 
-def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, *, check_values: bool, backend: str = "auto"):
+def _flash_attn_supports(dtype=None, **_) -> str | None:
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn takes fp16/bf16, got {dtype}"
+    return None
+
+
+def _sdpa_supports(cu_q=None, cu_k=None, causal=True, **_) -> str | None:
+    """ATen's CPU flash kernel over right-padded buckets: every sequence with queries needs keys, and a causal one
+    needs Lq == Lk. The bounds are CPU tensors here, so reading them costs no device sync."""
+    if cu_q is None or cu_k is None or cu_q is cu_k:
+        return None
+    lq, lk = cu_q.diff(), cu_k.diff()
+    if bool(((lq > 0) & (lk == 0)).any()) or (causal and not torch.equal(lq, lk)):
+        return "it needs Lk > 0 for every sequence with queries, and Lq == Lk when causal"
+    return None
+
+
+# Backends fastest first. CUDA: the triton kernels (docs/perf/flash_attention.md), then the flash-attn package where
+# triton does not take the head dim, then the reference. CPU: ATen's CPU flash kernel ("sdpa", any head dim, with
+# LSE; qlfast/ops/sdpa_varlen.py), then the reference (which takes any q/kv ranges); the Triton interpreter only when
+# asked for. Every backend returns the LSE, which ring attention and shared-prompt attention merge by.
+TABLE = _dispatch.Table(
+    "flash_attention",
+    [_dispatch.triton_backend("cpu", "cuda", supports=_triton_supports),
+     _dispatch.Backend("flash_attn", ("cuda",),
+                       lambda: None if _has_flash_attn() else "the flash_attn package is not installed",
+                       _flash_attn_supports),
+     _dispatch.Backend("sdpa", ("cpu",), supports=_sdpa_supports),
+     _dispatch.TORCH],
+    order={"cuda": ("triton", "flash_attn", "torch"), "cpu": ("sdpa", "torch", "triton")},
+)
+
+
+def _resolve(backend: str, q: torch.Tensor, cu_q=None, cu_k=None, causal=True) -> str:
+    return TABLE.resolve(backend, q.device, d=q.shape[-1], dtype=q.dtype, cu_q=cu_q, cu_k=cu_k, causal=causal)
+
+
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, *, check_values: bool):
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"flash_attention: q must be (Tq, Hq, D), k and v (Tk, Hkv, D); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -54,8 +86,6 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, *, check_values: bool, backen
     if k.shape != v.shape or k.shape[2] != d:
         raise ValueError(f"flash_attention: k and v must both be (Tk, Hkv, D={d}); got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    if d not in SUPPORTED_HEAD_DIMS and backend != "sdpa":
-        raise ValueError(f"flash_attention: head dim D must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"flash_attention: Hq={hq} query heads must be a multiple of Hkv={hkv} kv heads (GQA)")
     if not q.is_floating_point() or q.dtype != k.dtype or q.dtype != v.dtype:
@@ -70,13 +100,19 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, *, check_values: bool, backen
     devs = {t.device for t in (q, k, v, cu_seqlens_q, cu_seqlens_k)}
     if len(devs) != 1:
         raise ValueError(f"flash_attention: tensors on different devices: {sorted(map(str, devs))}")
-    if not check_values:
-        return
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, tq), ("cu_seqlens_k", cu_seqlens_k, tk)):
-        b = cu.tolist()
-        if b[0] != 0 or b[-1] != total or any(b[i + 1] < b[i] for i in range(len(b) - 1)):
-            raise ValueError(f"flash_attention: {name} must be non-decreasing from 0 to T={total} (it covers the "
-                             f"packed tokens), got {b if len(b) <= 8 else b[:4] + ['...'] + b[-3:]}")
+    if check_values:
+        check_cu_seqlens(cu_seqlens_q, tq, "cu_seqlens_q")
+        check_cu_seqlens(cu_seqlens_k, tk, "cu_seqlens_k")
+
+
+def check_cu_seqlens(cu: torch.Tensor, total: int, name: str = "cu_seqlens") -> list[int]:
+    """The bounds must rise from 0 to T (they cover the packed tokens); returns them as a list. One device sync:
+    call once per batch (the model does), not per layer."""
+    b = cu.tolist()
+    if b[0] != 0 or b[-1] != total or any(b[i + 1] < b[i] for i in range(len(b) - 1)):
+        raise ValueError(f"flash_attention: {name} must be non-decreasing from 0 to T={total} (it covers the "
+                         f"packed tokens), got {b if len(b) <= 8 else b[:4] + ['...'] + b[-3:]}")
+    return b
 
 
 def _max_seqlen(cu: torch.Tensor) -> int:
@@ -136,8 +172,8 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     bottom-right aligned; rows that see no key give out 0, lse -inf. Validates shapes and dtypes only (no device
     sync): cu_seqlens must cover the tokens and max_seqlen_* must bound the sequence lengths.
     """
-    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, check_values=False, backend=backend)
-    backend = _resolve(backend, q.device)
+    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, check_values=False)
+    backend = _resolve(backend, q, cu_seqlens_q, cu_seqlens_k, causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _fwd_impl(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
@@ -147,12 +183,12 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
 def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                           softmax_scale, backend="auto"):
     """Non-autograd backward -> (dq, dk, dv) in q/k/v's dtypes. out and lse may be a ring's final merged ones."""
-    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, check_values=False, backend=backend)
+    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, check_values=False)
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[1], q.shape[0]):
         raise ValueError(f"flash_attn_varlen_bwd: dout and out must be (Tq, Hq, D) = {tuple(q.shape)} and lse "
                          f"(Hq, Tq) = {(q.shape[1], q.shape[0])}; got dout {tuple(dout.shape)}, out "
                          f"{tuple(out.shape)}, lse {tuple(lse.shape)}")
-    backend = _resolve(backend, q.device)
+    backend = _resolve(backend, q, cu_seqlens_q, cu_seqlens_k, causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     q, k, v, out, dout = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous()
     return _bwd_impl(backend, dout, q, k, v, out, lse.contiguous(), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
@@ -176,19 +212,22 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def flash_attention(q, k, v, cu_seqlens, *, max_seqlen=None, causal=True, softmax_scale=None, backend="auto"):
+def flash_attention(q, k, v, cu_seqlens, *, max_seqlen=None, causal=True, softmax_scale=None, backend="auto",
+                    check=True):
     """Attention over packed sequences, differentiable in q, k, v -> (out (T, Hq, D), lse (Hq, T) fp32).
 
     q (T, Hq, D), k and v (T, Hkv, D) with Hq a multiple of Hkv (GQA: query head h reads kv head h // (Hq/Hkv)),
-    D in {64, 128}; cu_seqlens int32 (S+1,) from 0 to T; causal within each sequence; softmax_scale defaults to
-    1/sqrt(D). max_seqlen (the longest sequence) is computed from cu_seqlens when not given.
-    backend: "auto" | "triton" | "torch" | "flash_attn" | "sdpa" (CPU). lse is not differentiable.
+    cu_seqlens int32 (S+1,) from 0 to T; causal within each sequence; softmax_scale defaults to 1/sqrt(D).
+    max_seqlen (the longest sequence) is computed from cu_seqlens when not given.
+    backend: "auto" | "triton" (D in {64, 128}) | "torch" | "flash_attn" (CUDA) | "sdpa" (CPU); auto picks as TABLE
+    orders them for the device and inputs. lse is not differentiable. check=False skips reading cu_seqlens on the
+    host (a device sync): a model checks once per batch (check_cu_seqlens) and passes max_seqlen, not per layer.
     """
-    _validate(q, k, v, cu_seqlens, cu_seqlens, check_values=True, backend=backend)
+    _validate(q, k, v, cu_seqlens, cu_seqlens, check_values=check)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"flash_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must hold the same T tokens "
                          "(use flash_attn_varlen_fwd for separate q and kv ranges)")
-    backend = _resolve(backend, q.device)
+    backend = _resolve(backend, q, causal=causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if max_seqlen is None:
         max_seqlen = _max_seqlen(cu_seqlens)

@@ -22,6 +22,16 @@ from qlfast.ref import linear_logprob as _ref
 
 IGNORE_INDEX = _ref.IGNORE_INDEX
 
+# Backends fastest first. CUDA: triton was measured at 641 ms fwd+bwd on the 32B head (H100, docs/perf/
+# linear_logprob.md) with fp32-exact log-probs; the cuda backend has no timing on a GPU yet, so it comes after triton
+# until a row under bench/results/ shows it faster (scripts/gpu_proof.sh times both). CPU: the chunked torch reference
+# (the Triton interpreter is correct but slow).
+TABLE = _dispatch.Table(
+    "linear_logprob",
+    [_dispatch.triton_backend("cpu", "cuda"), _dispatch.cuda_backend("linear_logprob_fwd"), _dispatch.TORCH],
+    order={"cuda": ("triton", "cuda", "torch"), "cpu": ("torch", "triton")},
+)
+
 
 def _impl(backend: str):
     if backend == "torch":
@@ -58,6 +68,7 @@ class _LinearLogprob(torch.autograd.Function):
 
 
 def _validate(hidden, weight, targets, temperature):
+    """Shapes, dtypes, devices: no device sync."""
     if hidden.dim() != 2:
         raise ValueError(f"linear_logprob: hidden must be (N, H), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -75,18 +86,34 @@ def _validate(hidden, weight, targets, temperature):
                          f"{weight.device}, targets {targets.device}")
     if not temperature > 0:
         raise ValueError(f"linear_logprob: temperature must be > 0, got {temperature}")
+
+
+def bad_targets(targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(N,) bool on the targets' device: ids outside [0, V) that are not the ignore index (no device sync)."""
+    return (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
+
+
+def raise_bad_target(targets: torch.Tensor, bad: torch.Tensor, vocab: int):
+    i = int(bad.nonzero()[0, 0])
+    raise ValueError(f"linear_logprob: targets[{i}] = {int(targets[i])} is outside [0, V={vocab}) and is not the "
+                     f"ignore index {IGNORE_INDEX}")
+
+
+def _check_targets(targets, vocab):
+    """One device sync: the target ids are in range."""
     if targets.numel():
-        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= weight.shape[0]))
+        bad = bad_targets(targets, vocab)
         if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"linear_logprob: targets[{i}] = {int(targets[i])} is outside [0, V={weight.shape[0]}) "
-                             f"and is not the ignore index {IGNORE_INDEX}")
+            raise_bad_target(targets, bad, vocab)
 
 
-def linear_logprob_with_lse(hidden, weight, targets, *, temperature=1.0, return_entropy=False, backend="auto"):
+def linear_logprob_with_lse(hidden, weight, targets, *, temperature=1.0, return_entropy=False, backend="auto",
+                            check=True):
     """Like linear_logprob but also returns the fp32 log-sum-exp (N,): (logprob, entropy | None, lse)."""
     _validate(hidden, weight, targets, temperature)
-    backend = _dispatch.resolve(backend, hidden.device, cuda_op="linear_logprob_fwd", op="linear_logprob")
+    if check:
+        _check_targets(targets, weight.shape[0])
+    backend = TABLE.resolve(backend, hidden.device)
     targets = targets.long()
     if hidden.shape[0] == 0:
         empty = hidden.new_empty(0, dtype=torch.float32)
@@ -99,13 +126,14 @@ def linear_logprob_with_lse(hidden, weight, targets, *, temperature=1.0, return_
                                 backend)
 
 
-def linear_logprob(hidden, weight, targets, *, temperature=1.0, return_entropy=False, backend="auto"):
+def linear_logprob(hidden, weight, targets, *, temperature=1.0, return_entropy=False, backend="auto", check=True):
     """Log-prob of `targets` under softmax(hidden @ weight.T / temperature), without building the logits.
 
     hidden (N, H), weight (V, H) same float dtype, targets (N,) int64 with -100 as ignore index (those rows give
     logprob 0, entropy 0, zero gradient). Returns logprob (N,) fp32, and entropy (N,) fp32 if return_entropy.
-    backend: "auto" | "triton" | "cuda" | "torch".
+    backend: "auto" | "triton" | "cuda" | "torch" (qlfast.ops._dispatch: auto is the first of TABLE.order for the
+    device). check=False skips the one device sync that checks the target ids (shapes are always checked).
     """
     logprob, entropy, _ = linear_logprob_with_lse(hidden, weight, targets, temperature=temperature,
-                                                  return_entropy=return_entropy, backend=backend)
+                                                  return_entropy=return_entropy, backend=backend, check=check)
     return (logprob, entropy) if return_entropy else logprob

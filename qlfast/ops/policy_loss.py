@@ -10,7 +10,8 @@ Its autograd turns d loss / d logp and d loss / d entropy into per-token weights
 linear log-prob kernels (recomputing logit tiles from the LSE) turns those into dhidden and dweight. The entropy
 gradient is passed as None (not zeros) when the loss does not use entropy, so the backward skips that term.
 
-Per loss token t (mask != 0 and target != -100), with r_t = exp(logp_t - old_t) and A_t the advantage:
+Per loss token t (mask != 0 and target != -100), with r_t = exp(clamp(logp_t - old_t, -20, 20)) and A_t the advantage
+(the clamp keeps one far off-policy token from overflowing the loss; its gradient through r is then zero):
     pg_t   = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))          GRPO eq. 3, DAPO eq. 8 (clip-higher)
              min(pg_t, -c A) for A < 0 when dual_clip = c                  Ye et al. 2020 (arXiv 1912.09729)
              times w_t = min(exp(old_t - rollout_t), tis_cap), detached    TIS, Yao et al. 2025
@@ -33,14 +34,13 @@ from dataclasses import dataclass
 
 import torch
 
-from qlfast.ops import _dispatch
-
 # (not `from qlfast.ops import linear_logprob`: the package re-exports the function under that name)
-from qlfast.ops.linear_logprob import IGNORE_INDEX, _LinearLogprob
+from qlfast.ops.linear_logprob import IGNORE_INDEX, TABLE, _LinearLogprob, bad_targets, raise_bad_target
 from qlfast.ops.linear_logprob import _validate as _validate_fused
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3")
+LOG_RATIO_CLAMP = 20.0  # |log r| <= 20 before r = exp(log r): r <= 4.9e8, finite in fp32 (verl's clamp)
 
 # How to all-reduce each metric across micro-batches and ranks. "sum" is exact when config.global_tokens (token
 # metrics, and the loss parts under token-mean) / config.global_seqs (loss parts under seq-* modes) are set to the
@@ -146,8 +146,9 @@ def _epilogue(logp, ent, m, advantages, old_logprob, ref_logprob, rollout_logpro
     coef = _agg_coef(m, cu_seqlens, cfg, f, seq_tokens)  # (N,)
     a = torch.where(m, advantages.to(f), 0.0)
     old = old_logprob.to(f) if old_logprob is not None else logp.detach()
-    # outside the loss mask old/ref/rollout may hold anything: zero the log-ratios before any exp
-    log_ratio = torch.where(m, logp - old, 0.0)
+    # outside the loss mask old/ref/rollout may hold anything: zero the log-ratios before any exp; inside it, clamp
+    # the log-ratio (as verl does) so that one token far off-policy cannot overflow exp into an inf / NaN loss
+    log_ratio = torch.where(m, logp - old, 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
     # PPO clipped surrogate, GRPO (DeepSeekMath eq. 3) with DAPO's decoupled clip-higher (arXiv 2503.14476 eq. 8)
@@ -210,7 +211,7 @@ def _check_token_tensor(name, t, n, device, *, floating):
 
 
 def _validate(hidden, weight, targets, advantages, mask, cu_seqlens, old_logprob, ref_logprob, rollout_logprob,
-              cfg, seq_tokens=None):
+              cfg, seq_tokens=None, check=True):
     if not isinstance(cfg, PolicyLossConfig):
         raise ValueError(f"policy_loss: config must be a PolicyLossConfig, got {type(cfg).__name__}")
     _validate_fused(hidden, weight, targets, cfg.temperature)
@@ -226,30 +227,43 @@ def _validate(hidden, weight, targets, advantages, mask, cu_seqlens, old_logprob
         raise ValueError(f"policy_loss: tis_cap={cfg.tis_cap} needs rollout_logprob (N,)")
     if cfg.loss_agg != "token-mean" and cu_seqlens is None:
         raise ValueError(f"policy_loss: loss_agg={cfg.loss_agg!r} needs cu_seqlens (S+1,) int32 sequence bounds")
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError(f"policy_loss: cu_seqlens must be an integer (S+1,) tensor with S >= 1, got "
-                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != n or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
-            raise ValueError(f"policy_loss: cu_seqlens must rise from 0 to N={n} (cover every token), got "
-                             f"{bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
-    # one host sync for all the finiteness checks on the loss tokens
+    if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point()):
+        raise ValueError(f"policy_loss: cu_seqlens must be an integer (S+1,) tensor with S >= 1, got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     m = (mask != 0) & (targets != IGNORE_INDEX)
-    named = [("advantages", advantages), ("old_logprob", old_logprob), ("ref_logprob", ref_logprob),
-             ("rollout_logprob", rollout_logprob)]
-    named = [(k, t) for k, t in named if t is not None]
-    if n:
-        bad = torch.stack([(m & ~torch.isfinite(t)).any() for _, t in named]).tolist()
-        for (name, t), b in zip(named, bad):
-            if b:
-                i = int((m & ~torch.isfinite(t)).nonzero()[0, 0])
-                raise ValueError(f"policy_loss: {name}[{i}] = {t[i].item()} is not finite (at a loss token)")
+    if check:
+        _check_values(targets, weight.shape[0], m, cu_seqlens, n, advantages, old_logprob, ref_logprob,
+                      rollout_logprob)
     return m
 
 
+def _check_values(targets, vocab, m, cu_seqlens, n, advantages, old_logprob, ref_logprob, rollout_logprob):
+    """Target ids in range, cu_seqlens rising from 0 to N, finite inputs at loss tokens: ONE device sync for all."""
+    named = [("advantages", advantages), ("old_logprob", old_logprob), ("ref_logprob", ref_logprob),
+             ("rollout_logprob", rollout_logprob)]
+    named = [(k, t) for k, t in named if t is not None]
+    if not n:
+        return
+    bad_t = bad_targets(targets, vocab)
+    flags = [bad_t.any()] + [(m & ~torch.isfinite(t)).any() for _, t in named]
+    if cu_seqlens is not None:
+        c = cu_seqlens.long()
+        flags.append((c[0] != 0) | (c[-1] != n) | (c.diff() < 0).any())
+    bad = torch.stack(flags).tolist()
+    if bad[0]:
+        raise_bad_target(targets, bad_t, vocab)
+    for (name, t), b in zip(named, bad[1:]):
+        if b:
+            i = int((m & ~torch.isfinite(t)).nonzero()[0, 0])
+            raise ValueError(f"policy_loss: {name}[{i}] = {t[i].item()} is not finite (at a loss token)")
+    if cu_seqlens is not None and bad[-1]:
+        bounds = cu_seqlens.tolist()
+        raise ValueError(f"policy_loss: cu_seqlens must rise from 0 to N={n} (cover every token), got "
+                         f"{bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-2:]}")
+
+
 def policy_loss(hidden, weight, targets, advantages, mask, *, cu_seqlens=None, old_logprob=None, ref_logprob=None,
-                rollout_logprob=None, seq_tokens=None, config=PolicyLossConfig(), backend="auto"):
+                rollout_logprob=None, seq_tokens=None, config=PolicyLossConfig(), backend="auto", check=True):
     """GRPO/DAPO clipped policy loss (+ KL, entropy, TIS) from hidden (N, H) and the LM head weight (V, H).
 
     targets (N,) int64 (-100 = no token), advantages (N,) per-token, mask (N,) loss mask (response tokens; nonzero
@@ -259,12 +273,14 @@ def policy_loss(hidden, weight, targets, advantages, mask, *, cu_seqlens=None, o
     when a sequence's tokens are split across calls (sequence parallel); default: counted within cu_seqlens.
     Returns (loss 0-dim fp32, or fp64 for fp64 inputs; metrics: dict of fp32 0-dim tensors, see
     METRIC_REDUCE for how to all-reduce them). A mask with no tokens gives loss 0 and zero gradients.
-    backend: "auto" | "triton" | "cuda" | "torch" (the fused linear log-prob kernels underneath).
+    backend: "auto" | "triton" | "cuda" | "torch" (the fused linear log-prob kernels underneath; auto as
+    qlfast.ops.linear_logprob.TABLE orders them). check=False skips the value checks (target ids, cu_seqlens bounds,
+    finite inputs), which cost one device sync per call; shapes are always checked.
     """
     cfg = config
     m = _validate(hidden, weight, targets, advantages, mask, cu_seqlens, old_logprob, ref_logprob, rollout_logprob,
-                  cfg, seq_tokens)
-    backend = _dispatch.resolve(backend, hidden.device, cuda_op="linear_logprob_fwd", op="policy_loss")
+                  cfg, seq_tokens, check)
+    backend = TABLE.resolve(backend, hidden.device)
     with_entropy = cfg.entropy_coef != 0 or cfg.entropy_metric
     # tokens outside the loss get the ignore index: logp = entropy = 0 there and the backward skips them
     tgt = torch.where(m, targets.long(), IGNORE_INDEX)

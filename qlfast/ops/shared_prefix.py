@@ -15,7 +15,7 @@ prefix_lens[g] tokens are its prompt. cu_seqlens cuts the tokens into segments (
 response another) and every segment attends causally to itself; in addition every token after a group's prompt
 attends to ALL of that prompt. (Position ids are the caller's business: a response's continue from its prompt.)
 
-Computed as two attentions merged by their log-sum-exp (qlfast.parallel.merge, the step ring attention uses):
+Computed as two attentions merged by their log-sum-exp (qlfast.ops.attn_merge, the step ring attention uses):
     self:  causal varlen attention over the segments                       (flash_attn_varlen_fwd, causal)
     cross: each group's response tokens against its prompt, no mask        (flash_attn_varlen_fwd, non-causal)
 Backward runs both blocks' backward kernels with the FINAL merged out and lse (each block's P = exp(S - lse) is its
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qlfast.ops.attn_merge import merge_attn_
 from qlfast.ops.flash_attention import _bwd_impl, _fwd_impl, _resolve, _validate
-from qlfast.parallel.merge import merge_attn_
 
 
 @dataclass(frozen=True)
@@ -123,14 +123,14 @@ def shared_prefix_attention(q, k, v, cu_seqlens, layout: SharedPrefix, *, max_se
     """Causal attention within segments plus each group's responses to its whole prompt -> (out, lse (Hq, T)).
 
     q (T, Hq, D), k/v (T, Hkv, D) (GQA), cu_seqlens int32 (S+1,) segment bounds that include every boundary of
-    `layout`. backend: "auto" (triton on CUDA, sdpa on CPU) or any backend of qlfast.ops.flash_attention.
+    `layout`. backend: "auto" or any backend of qlfast.ops.flash_attention (auto as its TABLE orders them: triton on
+    CUDA, sdpa on CPU).
     check=False skips the checks that read cu_seqlens on the host (a model checks once per batch, not per layer).
     Differentiable in q, k, v.
     """
-    if backend == "auto":
-        backend = "sdpa" if q.device.type == "cpu" else "auto"
-    _validate(q, k, v, cu_seqlens, cu_seqlens, check_values=check, backend=backend)
-    backend = _resolve(backend, q.device)
+    _validate(q, k, v, cu_seqlens, cu_seqlens, check_values=check)
+    # the self block is causal over cu_seqlens, the cross block non-causal with every group's prompt as keys
+    backend = _resolve(backend, q, causal=True)
     if check:
         check_layout(cu_seqlens, layout, q.shape[0])
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

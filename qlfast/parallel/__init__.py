@@ -18,7 +18,6 @@ qlfast.trainer.comm.
 """
 
 from qlfast.parallel.hybrid import HybridPlan, hybrid_attention, hybrid_groups, hybrid_plan
-from qlfast.parallel.merge import merge_attn_
 from qlfast.parallel.ring import ring_attention
 from qlfast.parallel.sharding import (
     ShardPlan,
@@ -34,6 +33,6 @@ from qlfast.parallel.ulysses import ulysses_attention
 
 __all__ = [
     "HybridPlan", "ShardPlan", "check_same_across_ranks", "check_ulysses_heads", "contiguous_plan", "gather_unshard",
-    "hybrid_attention", "hybrid_groups", "hybrid_plan", "merge_attn_", "ring_attention", "shard", "ulysses_attention",
+    "hybrid_attention", "hybrid_groups", "hybrid_plan", "ring_attention", "shard", "ulysses_attention",
     "unshard", "zigzag_plan",
 ]

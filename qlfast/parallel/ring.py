@@ -11,7 +11,7 @@ rank i holds the kv of rank j = i - s (mod W), and under a causal mask:
     j < i     all local q vs the first half of kv (chunk j), no mask (chunk 2W-1-j is after both of ours)
     j > i     the second half of local q (chunk 2W-1-i) vs all of kv, no mask (chunk i is before both of theirs)
 so every step after the first costs the same half-block of work on every rank. Each step's (out, lse) merges into
-fp32 accumulators in log-sigmoid form (qlfast.parallel.merge). The next kv block is posted with batch_isend_irecv
+fp32 accumulators in log-sigmoid form (qlfast.ops.attn_merge). The next kv block is posted with batch_isend_irecv
 BEFORE the current block's compute, so the transfer overlaps it (on NCCL the p2p runs on its own stream).
 
 Backward (ring-flash-attention's zigzag backward): k, v rotate as in forward and the dk/dv accumulators (fp32)
@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from qlfast.ops.attn_merge import merge_attn_
 from qlfast.ops.flash_attention import flash_attn_varlen_bwd, flash_attn_varlen_fwd
-from qlfast.parallel.merge import merge_attn_
 from qlfast.parallel.sharding import check_same_across_ranks
 
 

@@ -126,6 +126,7 @@ def ulysses_attention(q, k, v, cu_seqlens, max_seqlen=None, *, group=None, causa
         out, _ = shared_prefix_attention(qh, kh, vh, cu_seqlens, prefix, max_seqlen=max_seqlen,
                                          softmax_scale=softmax_scale, backend=backend, check=False)
     else:
+        # the trainer passes check=False (it checks the plan once per batch): then no host read per layer
         out, _ = flash_attention(qh, kh, vh, cu_seqlens, max_seqlen=max_seqlen, causal=causal,
-                                 softmax_scale=softmax_scale, backend=backend)  # (T, hq_l, D)
+                                 softmax_scale=softmax_scale, backend=backend, check=check)  # (T, hq_l, D)
     return _HeadToSeq.apply(out, group, w).reshape(t, hq, d)

@@ -44,8 +44,9 @@ def policy_loss_reference(hidden, weight, targets, advantages, mask, *, cu_seqle
     adv = torch.where(valid, advantages.to(f), 0.0)
 
     old = old_logprob.to(f) if old_logprob is not None else logp.detach()
-    # positions outside the loss are replaced by harmless values before any exp (they may hold garbage)
-    ratio = torch.exp(torch.where(valid, logp - old, 0.0))
+    # positions outside the loss are replaced by harmless values before any exp (they may hold garbage); the
+    # log-ratio is clamped to [-20, 20] so that one far off-policy token cannot overflow exp (verl's clamp)
+    ratio = torch.exp(torch.where(valid, logp - old, 0.0).clamp(-20.0, 20.0))
     # PPO clipped surrogate as GRPO writes it (DeepSeekMath arXiv 2402.03300 eq. 3) with DAPO's decoupled
     # clip-higher bounds (arXiv 2503.14476 eq. 8): objective = min(r A, clip(r, 1 - eps_low, 1 + eps_high) A).
     objective = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * adv)

@@ -12,7 +12,7 @@ from qlfast.testing import run_torchrun
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 RUN = ["--sft.steps=4", "--sft.batch_size=8", "--rl.phases=120:24:2,200:24:2", "--rl.batch_size=4",
-       "--rl.mini_batch_size=2", "--rl.group_size=4", "--rl.max_gen_rounds=2", "--data.synthetic_train=64",
+       "--rl.mini_batch_size=2", "--rl.group_size=4", "--rl.dynamic_sampling=false", "--data.synthetic_train=64",
        "--data.synthetic_eval=16", "--rollout.parity_every=2", "--train.eval_every_phase=false",
        "--model.fsdp=true", "--model.dtype=bfloat16", "--rl.lr=2e-6", "--rl.kl_coef=0.01"]
 KEYS = ("policy_loss", "kl_loss", "grad_norm", "entropy_mean", "reward_mean", "groups_kept", "weight_version")

@@ -17,55 +17,97 @@ On CPU the same path runs with plain copies (nothing to overlap), so tests exerc
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
 
 class _Handle:
-    __slots__ = ("host", "device", "d2h_done", "prefetched", "h2d_done", "index")
+    __slots__ = ("host", "device", "d2h_done", "prefetched", "h2d_done", "index", "slot", "group", "__weakref__")
 
-    def __init__(self, host, device, d2h_done, index):
-        self.host, self.device, self.d2h_done, self.index = host, device, d2h_done, index
+    def __init__(self, host, device, d2h_done, index, slot, group):
+        self.host, self.device, self.d2h_done, self.index, self.slot = host, device, d2h_done, index, slot
+        self.group = group  # the handles of the same forward, in layer order (the prefetch walks them backwards)
         self.prefetched, self.h2d_done = None, None
 
 
+class _Slot:
+    """The host buffer of the i-th offloaded input of a forward (one per layer), reused by every step."""
+
+    __slots__ = ("buf", "last_read", "owner")
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None  # flat uint8, a power of two of bytes
+        self.last_read = None  # the event of the host-to-device copy that last read buf
+        self.owner = None  # weakref to the handle whose input buf holds
+
+    @property
+    def busy(self) -> bool:
+        """Holds an input that backward has not brought back yet (and whose graph is still alive)."""
+        h = self.owner() if self.owner is not None else None
+        return h is not None and h.host is not None
+
+
+def size_class(nbytes: int) -> int:
+    """Bytes a slot allocates for nbytes: the next power of two (torch's pinned-memory allocator rounds the same way),
+    so batches of varying length reuse the slot and it grows at most log2(max / min) times."""
+    return 1 << max(0, int(nbytes) - 1).bit_length()
+
+
 class ActivationOffloader:
-    """Pack/unpack hooks that move one checkpointed input per layer to host memory and prefetch it back."""
+    """Pack/unpack hooks that move one checkpointed input per layer to host memory and prefetch it back.
+
+    Host memory is bounded: one pinned buffer per layer (a slot), reused by every step and grown to the next power of
+    two only when a longer batch needs more, so varying micro-batch lengths do not add buffers (pooling by exact shape
+    would add L x T x H x b bytes, ~12 GiB for a 7B model at 60K tokens, for every new length). A second forward
+    before the first one's backward (two graphs alive) gets one-off buffers for inputs whose slot is still busy."""
 
     def __init__(self, min_bytes: int = 0):
         self.min_bytes = min_bytes
         self.handles: list[_Handle] = []
-        # reusable pinned buffers keyed by (shape, dtype), each with the event of the last copy that read it
-        self._pool: dict[tuple, list[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
+        self._slots: list[_Slot] = []
         self._stream = None
 
     def begin(self):
-        """Start a new forward: forget the previous step's handles (their buffers went back to the pool)."""
+        """Start a new forward: forget the previous step's handles (their slots are free again once unpacked)."""
         self.handles = []
+
+    def host_bytes(self) -> int:
+        """Host memory held by the slots (pinned on CUDA)."""
+        return sum(s.buf.numel() for s in self._slots if s.buf is not None)
 
     def _side_stream(self, device):
         if self._stream is None or self._stream.device != device:
             self._stream = torch.cuda.Stream(device=device)
         return self._stream
 
-    def _host_buffer(self, t: torch.Tensor) -> torch.Tensor:
-        free = self._pool.get((tuple(t.shape), t.dtype))
-        if free:
-            host, last_read = free.pop()
-            if last_read is not None:
-                last_read.synchronize()  # in practice long done: it was the previous step's backward
-            return host
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+    def _host_buffer(self, t: torch.Tensor, index: int) -> tuple[torch.Tensor, _Slot | None]:
+        """A host tensor shaped like t, viewed from slot `index` (or one-off when that slot is busy)."""
+        nbytes = t.numel() * t.element_size()
+        while len(self._slots) <= index:
+            self._slots.append(_Slot())
+        slot = self._slots[index]
+        if slot.busy:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda), None
+        if slot.last_read is not None:
+            slot.last_read.synchronize()  # in practice long done: it was the previous step's backward
+            slot.last_read = None
+        if slot.buf is None or slot.buf.numel() < nbytes:
+            slot.buf = None  # free the smaller buffer before taking the larger one
+            slot.buf = torch.empty(size_class(nbytes), dtype=torch.uint8, pin_memory=t.is_cuda)
+        return slot.buf[:nbytes].view(t.dtype).view(t.shape), slot
 
-    def _release(self, host: torch.Tensor, last_read):
-        self._pool.setdefault((tuple(host.shape), host.dtype), []).append((host, last_read))
+    def _release(self, h: _Handle):
+        if h.slot is not None:
+            h.slot.owner, h.slot.last_read = None, h.h2d_done
 
     def pack(self, t: torch.Tensor, target: torch.Tensor):
         if t is not target and (t.data_ptr() != target.data_ptr() or t.shape != target.shape):
             return t
         if t.numel() * t.element_size() < self.min_bytes:
             return t
-        host = self._host_buffer(t)
+        host, slot = self._host_buffer(t, len(self.handles))
         if t.is_cuda:
             stream = self._side_stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))  # t is fully written before we read it
@@ -77,7 +119,9 @@ class ActivationOffloader:
         else:
             host.copy_(t)
             done = None
-        handle = _Handle(host, t.device, done, len(self.handles))
+        handle = _Handle(host, t.device, done, len(self.handles), slot, self.handles)
+        if slot is not None:
+            slot.owner = weakref.ref(handle)
         self.handles.append(handle)
         return handle
 
@@ -110,11 +154,11 @@ class ActivationOffloader:
             out = self._fetch(h)
         # Backward visits layers in reverse: bring the previous layer's input in while this layer recomputes.
         if h.device.type == "cuda" and h.index > 0:
-            prev = self.handles[h.index - 1]
+            prev = h.group[h.index - 1]
             if prev.prefetched is None and prev.host is not None:
                 prev.prefetched = self._fetch(prev, self._side_stream(h.device))
-        # The host buffer goes back to the pool with the event of the copy that reads it; reuse waits on it.
-        self._release(h.host, h.h2d_done)
+        # The slot is free again, with the event of the copy that reads it; its next user waits on it.
+        self._release(h)
         h.host = None
         return out
 

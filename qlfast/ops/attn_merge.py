@@ -1,4 +1,5 @@
-"""Merge partial attention results by their log-sum-exp: the step that ring attention repeats for every kv block.
+"""qlfast.ops.attn_merge: merge partial attention results by their log-sum-exp, the step that ring attention repeats
+for every kv block (and shared-prompt attention does once).
 
 Two attentions of the same query rows over disjoint key sets K1 and K2, (o1, l1) and (o2, l2), combine exactly into
 the attention over K1 u K2:
@@ -64,36 +65,41 @@ def merge_attn_torch_(out, lse, block_out, block_lse, rows=None):
     return out, lse
 
 
-def _cuda_merge_available(out, rows) -> bool:
-    return rows is None and out.dtype == torch.float32 and _dispatch.has_cuda_op("attn_merge_")
+def _fp32_only(dtype=None, **_) -> str | None:
+    return None if dtype in (None, torch.float32) else f"it needs fp32 accumulators, got {dtype}"
+
+
+def _cuda_supports(dtype=None, rows=None, **_) -> str | None:
+    if rows is not None:
+        return "it merges whole blocks only (rows=None)"
+    return _fp32_only(dtype)
+
+
+# Backends fastest first. Neither GPU backend has been timed against the other (both read and write each element
+# once: memory bound, same arithmetic in fp32): triton, which also takes `rows`, goes first until a row under
+# bench/results/ (scripts/gpu_proof.sh times both) shows the cuda op faster. CPU: the torch version.
+TABLE = _dispatch.Table(
+    "merge_attn_",
+    [_dispatch.triton_backend("cpu", "cuda", supports=_fp32_only),
+     _dispatch.cuda_backend("attn_merge_", supports=_cuda_supports), _dispatch.TORCH],
+    order={"cuda": ("triton", "cuda", "torch"), "cpu": ("torch", "triton")},
+)
 
 
 def merge_attn_(out, lse, block_out, block_lse, rows=None, *, backend="auto"):
     """In-place merge of a block's (block_out, block_lse) into the accumulators (out, lse); returns (out, lse).
 
     out (T, H, D) fp32/fp64, lse (H, T) same dtype; block_out (n, H, D), block_lse (H, n); rows (n,) int64 selects
-    the accumulator rows the block covers (all T rows when None). backend: "auto" (cuda op when built and rows is
-    None, else triton on CUDA, torch on CPU) | "cuda" | "triton" | "torch". triton and cuda need fp32 accumulators.
+    the accumulator rows the block covers (all T rows when None). backend: "auto" (as TABLE orders them: triton on
+    CUDA, torch on CPU) | "cuda" (rows=None only) | "triton" | "torch". triton and cuda need fp32 accumulators.
     """
     _validate(out, lse, block_out, block_lse, rows)
     if rows is not None:
         rows = rows.long()
-    if backend == "auto":
-        if out.is_cuda and _cuda_merge_available(out, rows):
-            backend = "cuda"
-        elif out.is_cuda and out.dtype == torch.float32 and _dispatch.has_triton():
-            backend = "triton"
-        else:
-            backend = "torch"
-    else:
-        backend = _dispatch.resolve(backend, out.device, cuda_op="attn_merge_", op="merge_attn_")
+    backend = TABLE.resolve(backend, out.device, dtype=out.dtype, rows=rows)
     if backend == "torch":
         return merge_attn_torch_(out, lse, block_out, block_lse, rows)
-    if out.dtype != torch.float32:
-        raise ValueError(f"merge_attn_: backend={backend!r} needs fp32 accumulators, got {out.dtype}")
     if backend == "cuda":
-        if rows is not None:
-            raise ValueError("merge_attn_: backend='cuda' merges whole blocks only (rows=None)")
         from qlfast.ops import _cuda
 
         _cuda.attn_merge_(out, lse, block_out.contiguous(), block_lse.float().contiguous())
