@@ -32,16 +32,6 @@ LAYERS = [
 ]
 ENTRY_POINTS = {"qlfast.train", "qlfast.eval", "qlfast.plan"}
 
-# Imports that other helpers of issue #14 are removing right now, each with the branch that removes it; the lead
-# empties this list after merging those branches. An entry is skipped by every check below (a cycle: both of its
-# edges), and an entry whose import no longer exists fails the test, so that the list cannot go stale.
-IN_FLIGHT = {
-    ("qlfast.model.qwen", "qlfast.model.tiled_mlp"): "cycle (swiglu_mlp): branch gpu",
-    ("qlfast.ops.shared_prefix", "qlfast.parallel.merge"): "ops -> parallel (the LSE merge is an op): branch gpu",
-}
-IN_FLIGHT_CYCLES = {frozenset(k) for k, why in IN_FLIGHT.items() if why.startswith("cycle")}
-
-
 def _modules() -> dict[str, Path]:
     mods = {}
     for base, prefix in ((ROOT / "qlfast", "qlfast"), (ROOT / "kernels", "qlfast.kernels")):
@@ -58,7 +48,7 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(2, len(parts))]  # qlfast.a for qlfast.a.b; never the root
 
 
-def _graph(skip_in_flight: bool = True) -> dict[tuple[str, str], str]:
+def _graph() -> dict[tuple[str, str], str]:
     """-> {(importer, imported): the import it comes from} over qlfast's modules."""
     mods = _modules()
     edges = {}
@@ -80,8 +70,6 @@ def _graph(skip_in_flight: bool = True) -> dict[tuple[str, str], str]:
                 while target not in mods:  # `import qlfast.x.y` of a non-module attribute: its module
                     target = target.rpartition(".")[0]
                 key = (mod, target)
-                if skip_in_flight and (key in IN_FLIGHT or frozenset(key) in IN_FLIGHT_CYCLES):
-                    continue
                 where = f"{path.relative_to(ROOT)}:{node.lineno}"
                 edges[key] = where
                 for pkg in _ancestors(target):
@@ -98,14 +86,6 @@ def _layer(mod: str) -> int:
                 best = (i, name)
     assert best is not None, f"{mod} is in no layer: add it to LAYERS"
     return best[0]
-
-
-def test_in_flight_list_is_current():
-    """Every allow-listed import still exists (remove an entry once its branch has landed)."""
-    edges = _graph(skip_in_flight=False)
-    stale = [f"{a} -> {b} ({why})" for (a, b), why in IN_FLIGHT.items()
-             if (a, b) not in edges or (why.startswith("cycle") and (b, a) not in edges)]
-    assert not stale, "no longer there, remove from IN_FLIGHT: " + "; ".join(stale)
 
 
 def test_no_import_cycle():
