@@ -3,7 +3,7 @@
     python bench/rl_update.py          # QLFAST_PROOF_CPU=1: the tiny preset's model shape on CPU
 
 What runs: qlfast.trainer.rl_step.policy_update (no vLLM: the rollouts are given) on one prompt-shared GRPO group
-(a 32K-token prompt and 8 responses of 2K: 48K tokens packed), FSDP2 over one GPU (qlfast.trainer.dist.shard_model),
+(a 32K-token prompt and 8 responses of 2K: 48K tokens packed), FSDP2 over one GPU (qlfast.trainer.comm.shard_model),
 per-layer checkpointing with the saved inputs offloaded to pinned host memory, the tiled MLP, AdamW at an RL learning
 rate (1e-6). One update first (compiles, autotunes), then the timed one. The row carries: time, MFU (model FLOPs:
 6 x dense parameters x tokens + causal attention pairs, recompute not counted, over the 989 TFLOP/s datasheet rate
@@ -12,8 +12,8 @@ the pinned host memory of the offload, and the share of the optimizer-stepped pa
 changed in the timed update: bf16 masters round an update of lr ~1e-6 away, fp32 masters keep it.
 
 The share is read on a fixed sample of elements of every parameter the optimizer steps (its local shards under
-FSDP2), whatever their dtype, so it follows the trainer when the master weights change (fp32 masters under bf16
-compute via FSDP2's MixedPrecisionPolicy).
+FSDP2): the fp32 masters, as the trainer keeps them under bf16 compute (FSDP2's MixedPrecisionPolicy casts the
+gathered copies); QLFAST_PROOF_MASTER_DTYPE=bfloat16 measures pure bf16 training for comparison.
 """
 
 from __future__ import annotations
@@ -96,16 +96,6 @@ def run_policy_update(model, optimizer, scheduler, groups, env, rl) -> dict:
                          max_response_tokens=RESPONSE, backend="auto")
 
 
-def trainer_comm():
-    """The trainer's process-group module (init, shard_model, shutdown): qlfast.trainer.comm, named dist before the
-    trainer's consolidation."""
-    try:
-        from qlfast.trainer import comm
-    except ImportError:
-        from qlfast.trainer import dist as comm
-    return comm
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,9 +156,8 @@ def main() -> int:
     from qlfast.model import ModelOptions, QwenForCausalLM
     from qlfast.model.memory import MemoryOptions, estimate, param_count
     from qlfast.ops.linear_logprob import TABLE as LOGPROB_BACKENDS
+    from qlfast.trainer import comm as dist
     from qlfast.trainer import optim
-
-    dist = trainer_comm()
 
     for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                  ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
@@ -177,11 +166,13 @@ def main() -> int:
              "tokens": PROMPT + GROUP * RESPONSE}
     env = dist.init("cuda" if proof.GPU else "cpu", fsdp=True)
     try:
-        dtype = getattr(torch, os.environ.get("QLFAST_PROOF_MASTER_DTYPE", proof.DTYPE_NAME))
+        # the trainer's precision: fp32 master shards, compute in the proof's dtype (FSDP2 MixedPrecisionPolicy)
+        master = getattr(torch, os.environ.get("QLFAST_PROOF_MASTER_DTYPE", "float32"))
+        compute = getattr(torch, proof.DTYPE_NAME)
         options = ModelOptions(checkpoint=True, offload=True, tiled_mlp=True)
-        model = QwenForCausalLM.from_config(CFG, options, dtype=dtype, device=env.device, seed=0)
+        model = QwenForCausalLM.from_config(CFG, options, dtype=master, device=env.device, seed=0)
         attn_backend = model.attention_backend()
-        model = dist.shard_model(model, env)  # FSDP2 over the one rank, as the trainer shards
+        model = dist.shard_model(model, env, param_dtype=None if compute == master else compute)
         optimizer = optim.adamw(model, lr=LR)
         scheduler = optim.schedule(optimizer, warmup=0)
         rl = RLConfig(micro_batch_tokens=PROMPT + GROUP * RESPONSE, share_prompts=True, tis_cap=None, lr=LR)
@@ -204,9 +195,8 @@ def main() -> int:
         n = param_count(CFG)
         dense = n["total"] - CFG["vocab_size"] * CFG["hidden_size"] * (0 if CFG["tie_word_embeddings"] else 1)
         flops = _flops(dense, shape["tokens"])
-        pb = stepped[0][1].element_size()
         predicted = estimate(CFG, seq_len=shape["tokens"], options=MemoryOptions(
-            param_bytes=pb, grad_bytes=pb, act_bytes=2 if proof.GPU else 4, optimizer_bytes=2 * pb, checkpoint=True,
+            param_bytes=compute.itemsize, master_bytes=master.itemsize, act_bytes=compute.itemsize, checkpoint=True,
             offload=True, tiled_mlp=True))
         ceiling = _gemm_ceiling()
         stats = {"median_ms": secs * 1e3, "min_ms": secs * 1e3, "reps": 1, "peak_bytes": peak}
@@ -218,7 +208,7 @@ def main() -> int:
             predicted_gib=round(predicted["total"] / 2**30, 2), predicted_parts_gib={
                 k: round(val / 2**30, 2) for k, val in predicted.items()},
             peak_over_predicted=round(peak / predicted["total"], 3) if proof.GPU else None,
-            host_offload_mib=round(model._offloader.host_bytes() / 2**20, 1), built_dtype=str(dtype).split(".")[-1],
+            host_offload_mib=round(model._offloader.host_bytes() / 2**20, 1), built_dtype=str(master).split(".")[-1],
             attention_backend=attn_backend, logprob_backend=LOGPROB_BACKENDS.resolve("auto", env.device),
             liger_in_model=bool(model.options.use_liger), fsdp=True, lr=LR,
             config={**fk.LAST_CONFIG, **lk.LAST_CONFIG},
