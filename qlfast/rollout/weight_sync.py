@@ -199,13 +199,17 @@ def _named_tensors(source) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
     return source, False
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def _full(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole tensor behind a (possibly FSDP2-sharded) parameter. A DTensor's local shard is cast to `dtype` (the
+    engine's) before the all-gather: fp32 master shards then cross the wire, and take memory, at bf16 size."""
     t = t.detach()
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without DTensor: nothing is sharded
         return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if not isinstance(t, DTensor):
+        return t
+    return (t if dtype is None else t.to(dtype)).full_tensor()
 
 
 def _load_bucket(engine: RolloutEngine, bucket: list) -> None:
@@ -243,11 +247,11 @@ def sync_weights(engine: RolloutEngine, source, *, bucket_bytes: int = 512 << 20
             name = hf_name(raw_name)
             n_total += 1
             if name in plan.skip:
-                _full(tensor)  # still a collective for sharded params: every rank must take part
+                _full(tensor, engine.dtype)  # still a collective for sharded params: every rank must take part
                 continue
             if not known:
                 _check(plan, name, tuple(tensor.shape))
-            full = _full(tensor)
+            full = _full(tensor, engine.dtype)
             size = full.numel() * full.element_size()
             n_bytes += full.numel() * engine.dtype.itemsize
             if plan.mode == "copy":
