@@ -16,7 +16,7 @@ from qlfast.testing import run_torchrun
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 SHORT = ["--sft.steps=4", "--sft.batch_size=8", "--rl.phases=120:24:2,200:24:2", "--rl.batch_size=4",
-         "--rl.mini_batch_size=2", "--rl.group_size=4", "--rl.max_gen_rounds=2", "--data.synthetic_train=64",
+         "--rl.mini_batch_size=2", "--rl.group_size=4", "--rl.dynamic_sampling=false", "--data.synthetic_train=64",
          "--data.synthetic_eval=16", "--rollout.parity_every=2", "--train.checkpoint_every=100"]
 EXACT = ("phase", "groups_kept", "groups_generated", "gen_rounds", "response_len_mean", "reward_mean", "accuracy",
          "truncated_frac", "weight_version")
