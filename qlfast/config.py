@@ -105,6 +105,8 @@ class SFTConfig:
     """SFT learning rate (AdamW, cosine to 10%)."""
     warmup_steps: int = 5
     """Linear warm-up steps."""
+    checkpoint_every: int = 250
+    """Save a checkpoint every this many SFT steps (and when SFT ends), so a killed SFT resumes near where it was."""
 
 
 def _tiny_phases() -> tuple[Phase, ...]:
