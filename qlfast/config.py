@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 
@@ -404,13 +403,186 @@ def apply_override(cfg: Config, dotted: str, text: str) -> None:
     setattr(sub, key, _parse_value(section, key, hints[key], text))
 
 
-def from_args(argv: list[str] | None = None, prog: str = "qlfast.train") -> Config:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+# ---------------------------------------------------------------------------------------------------- validation
+# One rule per field that has one, checked at start-up for every field at once: a bad value stops the run before any
+# work with the field's name (--train.checkpoint_every=0 would otherwise divide by zero after SFT).
+
+
+@dataclass(frozen=True)
+class Rule:
+    lo: float | None = None
+    """Smallest allowed value (inclusive unless lo_open)."""
+    hi: float | None = None
+    """Largest allowed value (inclusive)."""
+    lo_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def error(self, v) -> str | None:
+        if self.choices:
+            return None if v in self.choices else f"must be one of {', '.join(self.choices)}"
+        if v is None:
+            return None
+        low = self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)
+        high = self.hi is not None and v > self.hi
+        if not (low or high):
+            return None
+        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        hi = "" if self.hi is None else f"<= {self.hi:g}"
+        return f"must be {' and '.join(b for b in (lo, hi) if b)}"
+
+
+def _ge(x: float) -> Rule:
+    return Rule(lo=x)
+
+
+def _gt(x: float) -> Rule:
+    return Rule(lo=x, lo_open=True)
+
+
+def _one_of(*names: str) -> Rule:
+    return Rule(choices=names)
+
+
+_DTYPES = _one_of("float32", "bfloat16", "float16")
+_SHARE = Rule(lo=0.0, hi=1.0, lo_open=True)  # a share in (0, 1]
+RULES: dict[str, Rule] = {
+    **{f"model.{k}": _ge(1) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                                       "max_position_embeddings", "sp")},
+    "model.dtype": _DTYPES, "model.master_dtype": _DTYPES, "model.sp_ulysses": _ge(0),
+    "model.attention_backend": _one_of("auto", "triton", "torch", "sdpa", "flash_attn"),
+    "model.logprob_backend": _one_of("auto", "triton", "cuda", "torch"),
+    "model.sp_attention": _one_of("ring", "ulysses", "hybrid"),
+    "data.synthetic_train": _ge(1), "data.synthetic_eval": _ge(0), "data.synthetic_sft": _ge(0),
+    "data.synthetic_facts": _ge(1), "data.synthetic_links": _ge(0), "data.synthetic_attributes": _ge(1),
+    "data.tokenizer_vocab": _ge(64),
+    "sft.steps": _ge(0), "sft.batch_size": _ge(1), "sft.lr": _gt(0), "sft.warmup_steps": _ge(0),
+    "sft.checkpoint_every": _ge(1),
+    "rl.batch_size": _ge(1), "rl.group_size": _ge(2), "rl.mini_batch_size": _ge(1), "rl.micro_batch_tokens": _ge(1),
+    "rl.lr": _gt(0), "rl.warmup_steps": _ge(0), "rl.weight_decay": _ge(0), "rl.max_grad_norm": _gt(0),
+    "rl.temperature": _gt(0), "rl.top_p": _SHARE, "rl.clip_low": Rule(lo=0.0, hi=1.0), "rl.clip_high": _ge(0),
+    "rl.loss_agg": _one_of("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+    "rl.kl_coef": _ge(0), "rl.kl_type": _one_of("k1", "k2", "k3"), "rl.entropy_coef": _ge(0), "rl.tis_cap": _ge(1),
+    "rl.max_gen_rounds": _ge(1), "rl.overlong_window": _ge(0), "rl.overlong_penalty": _ge(0),
+    "rl.retro_fraction": Rule(lo=0.0, hi=1.0), "rl.difficulty": _one_of("inverse", "one_minus"),
+    "rl.difficulty_cap": _gt(0),
+    "rollout.gpu_memory_utilization": _SHARE, "rollout.cpu_kv_cache_gib": _gt(0), "rollout.parity_every": _ge(0),
+    "rollout.parity_warn": _ge(0), "rollout.tp": _ge(1),
+    "reward.judge_timeout_s": _gt(0), "reward.judge_retries": _ge(0), "reward.judge_max_tokens": _ge(1),
+    "reward.judge_breaker_failures": _ge(0), "reward.judge_breaker_cooldown_s": _ge(0),
+    "reward.judge_step_budget_s": _ge(0),
+    "train.device": _one_of("auto", "cpu", "cuda"), "train.checkpoint_every": _ge(1), "train.stop_at_step": _ge(0),
+    "train.max_bad_steps": _ge(1), "train.eval_samples": _ge(1), "train.eval_temperature": _ge(0),
+    "train.eval_top_p": _SHARE,
+}
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every rule-breaking value, as '--section.key=value: must be ...' lines (empty when the config is valid): each
+    field against its rule in RULES, then the rules that tie fields together."""
+    errors = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            rule = RULES.get(f"{section.name}.{f.name}")
+            value = getattr(sub, f.name)
+            if rule is not None and (msg := rule.error(value)):
+                errors.append(f"--{section.name}.{f.name}={_cli_value(value)}: {msg}")
+    m = cfg.model
+    widths = {"float16": 2, "bfloat16": 2, "float32": 4}
+    if m.dtype in widths and m.master_dtype in widths and (widths[m.master_dtype] < widths[m.dtype] or (
+            widths[m.master_dtype] == widths[m.dtype] and m.master_dtype != m.dtype)):
+        errors.append(f"--model.master_dtype={m.master_dtype} must be --model.dtype={m.dtype} or wider (the masters "
+                      "keep what the compute dtype rounds away)")
+    if cfg.rl.ref_offload and not m.fsdp:
+        errors.append("--rl.ref_offload=true offloads the reference's FSDP2 shards: it needs --model.fsdp=true")
+    if m.optimizer_offload and not m.fsdp:
+        errors.append("--model.optimizer_offload=true offloads FSDP2's sharded state: it needs --model.fsdp=true")
+    u = m.sp_ulysses
+    if m.sp_attention == "hybrid" and not (u >= 1 and m.sp >= 1 and m.sp % u == 0):
+        errors.append(f"--model.sp_attention=hybrid needs --model.sp_ulysses=U dividing --model.sp={m.sp} (Ulysses "
+                      f"inside groups of U ranks, ring across sp/U groups), got {u}")
+    if msg := empty_phase_error(cfg.rl, [1 if p.epochs else (p.steps or 0) for p in cfg.rl.phases]):
+        errors.append(msg)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------- help and print
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The one-line docstrings under a dataclass's fields (attribute docstrings live only in the source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def _cli_value(v) -> str:
+    """A value as the CLI takes it back (phases as 200:48:10 or 20480:10240:30ep)."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, tuple) and all(isinstance(p, Phase) for p in v):
+        return ",".join(f"{p.max_prompt_tokens}:{p.max_response_tokens}:"
+                        + (f"{p.epochs:g}ep" if p.epochs is not None else str(p.steps)) for p in v)
+    return str(v)
+
+
+def describe(cfg: Config, values: bool = True) -> str:
+    """Every section and field with its doc: `--section.key=value` lines (values=True: a config file the CLI reads
+    back, `qlfast.train $(grep -v '^#' file)`) or the field list of --help (values=False: type and default)."""
+    import shlex
+
+    lines = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        docs = field_docs(type(sub))
+        hints = typing.get_type_hints(type(sub))
+        lines.append(f"\n# [{section.name}]" if values else f"\n{section.name}:")
+        for f in dataclasses.fields(sub):
+            value = _cli_value(getattr(sub, f.name))
+            if values:
+                lines.append(f"# {docs.get(f.name, '')}")
+                lines.append(shlex.quote(f"--{section.name}.{f.name}={value}"))
+            else:
+                tp = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+                lines.append(f"  --{section.name}.{f.name}={value}  ({tp})\n      {docs.get(f.name, '')}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def from_args(argv: list[str] | None = None, prog: str = "qlfast.train", description: str | None = None) -> Config:
+    """The config of `prog`'s command line: a preset, then --section.key=value overrides, validated. --help and
+    --print-config print (on rank 0 only under torchrun) and exit 0 on every rank; a bad value exits 2."""
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n")[0], add_help=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action="store_true", help="show this help, every field with its doc, and exit")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the run")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as --section.key=value lines with each field's doc, and exit")
     args, rest = parser.parse_known_args(argv)
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 prints help, config and usage errors
+    if quiet:  # argparse's usage errors too (parser.error prints through exit)
+        parser.print_usage = parser.print_help = lambda file=None: None  # type: ignore[method-assign]
+        parser.exit = lambda status=0, message=None: sys.exit(status)  # type: ignore[method-assign]
     cfg = PRESETS[args.preset]()
+    if args.help:
+        if not quiet:
+            parser.print_help()
+            print(f"\nfields (--section.key=value; defaults of --preset {args.preset}):")
+            print(describe(cfg, values=False))
+        raise SystemExit(0)
     for item in rest:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognised argument {item!r}: overrides are --section.key=value")
@@ -421,33 +593,14 @@ def from_args(argv: list[str] | None = None, prog: str = "qlfast.train") -> Conf
             parser.error(str(e))
     if args.resume:
         cfg.train.resume = True
-    widths = {"float16": 2, "bfloat16": 2, "float32": 4}
-    for key in ("dtype", "master_dtype"):
-        if getattr(cfg.model, key) not in widths:
-            parser.error(f"--model.{key} must be one of {', '.join(widths)}, got {getattr(cfg.model, key)!r}")
-    if widths[cfg.model.master_dtype] < widths[cfg.model.dtype] or (
-            widths[cfg.model.master_dtype] == widths[cfg.model.dtype] and cfg.model.master_dtype != cfg.model.dtype):
-        parser.error(f"--model.master_dtype={cfg.model.master_dtype} must be --model.dtype={cfg.model.dtype} or wider "
-                     "(the masters keep what the compute dtype rounds away)")
-    if cfg.rl.kl_coef < 0 or cfg.rl.kl_type not in ("k1", "k2", "k3"):
-        parser.error(f"--rl.kl_coef must be >= 0 and --rl.kl_type k1, k2 or k3, got {cfg.rl.kl_coef}, "
-                     f"{cfg.rl.kl_type!r}")
-    if cfg.rl.ref_offload and not cfg.model.fsdp:
-        parser.error("--rl.ref_offload=true offloads the reference's FSDP2 shards: it needs --model.fsdp=true")
-    if cfg.model.optimizer_offload and not cfg.model.fsdp:
-        parser.error("--model.optimizer_offload=true offloads FSDP2's sharded state: it needs --model.fsdp=true")
-    if cfg.model.sp < 1 or cfg.model.sp_attention not in ("ring", "ulysses", "hybrid"):
-        parser.error(f"--model.sp must be >= 1 and --model.sp_attention ring, ulysses or hybrid, got {cfg.model.sp}, "
-                     f"{cfg.model.sp_attention!r}")
-    u = cfg.model.sp_ulysses
-    if cfg.model.sp_attention == "hybrid" and not (u >= 1 and cfg.model.sp % u == 0):
-        parser.error(f"--model.sp_attention=hybrid needs --model.sp_ulysses=U dividing --model.sp={cfg.model.sp} "
-                     f"(Ulysses inside groups of U ranks, ring across sp/U groups), got {cfg.model.sp_ulysses}")
-    if cfg.rollout.tp < 1:
-        parser.error(f"--rollout.tp must be >= 1, got {cfg.rollout.tp}")
-    if msg := empty_phase_error(cfg.rl, [1 if p.epochs else (p.steps or 0) for p in cfg.rl.phases]):
-        parser.error(msg)
+    if errors := validate(cfg):
+        if not quiet:
+            parser.print_usage(sys.stderr)
+            print(f"{prog}: error: " + "\n  ".join(["invalid settings:", *errors]), file=sys.stderr)
+        raise SystemExit(2)
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        if not quiet:
+            print(f"# {prog} --preset {args.preset}, resolved; pass these lines back as arguments to reproduce it")
+            print(describe(cfg))
         raise SystemExit(0)
     return cfg

@@ -27,7 +27,7 @@ from qlfast.trainer.state import TrainState
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = config_mod.from_args(argv)
+    cfg = config_mod.from_args(argv, description=__doc__)
     env = comm.init(cfg.train.device, fsdp=cfg.model.fsdp, sp=cfg.model.sp, sp_attention=cfg.model.sp_attention,
                     sp_ulysses=cfg.model.sp_ulysses)
     ctx = None

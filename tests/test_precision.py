@@ -89,8 +89,8 @@ def test_sft_step_moves_masters_and_working_copy_together():
 @pytest.mark.parametrize("args, msg", [
     (["--model.dtype=float32", "--model.master_dtype=bfloat16"], "must be --model.dtype=float32 or wider"),
     (["--model.dtype=bfloat16", "--model.master_dtype=float16"], "must be --model.dtype=bfloat16 or wider"),
-    (["--model.master_dtype=fp8"], "--model.master_dtype must be one of"),
-    (["--rl.kl_type=k4"], "--rl.kl_type k1, k2 or k3"),
+    (["--model.master_dtype=fp8"], "--model.master_dtype=fp8: must be one of"),
+    (["--rl.kl_type=k4"], "--rl.kl_type=k4: must be one of k1, k2, k3"),
     (["--rl.ref_offload=true"], "needs --model.fsdp=true"),
     (["--rollout.engine=vllm"], "unknown field 'engine'"),  # removed: nothing read it
 ])

@@ -69,4 +69,4 @@ def test_trainer_imports_from_the_installed_wheel(installed, tmp_path):
     files = _run(sys.executable, "-c", code, cwd=tmp_path, env=env).stdout.split()
     assert len(files) == 3 and all(f.startswith(str(target)) for f in files), files
     out = _run(sys.executable, "-m", "qlfast.train", "--print-config", cwd=tmp_path, env=env).stdout
-    assert '"rl"' in out and '"phases"' in out
+    assert "\n--rl.phases=120:48:50,200:48:50\n" in out and "# [reward]" in out
