@@ -23,7 +23,7 @@ from qlfast.reward.factory import reward_from_config
 from qlfast.rollout.weight_sync import wake_and_sync
 from qlfast.trainer import build, checkpoint, comm, context, heldout, optim, precision, reference, rl_step, sft
 from qlfast.trainer.report import write_report
-from qlfast.trainer.state import TrainState
+from qlfast.trainer.state import TrainState, set_aside_earlier_run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
             per_rank={**replicated, "sft_sched": sft_sched, "rl_sched": rl_sched, "rng": checkpoint.RNGState()},
             sharded=(model, rl_opt) if env.fsdp else None,
             export=lambda d: build.export(model, d, ctx.tokenizer, env))
-        _resume_or_start(cfg, ckpt, state, logger)
+        _resume_or_start(cfg, ckpt, state, logger, env)
 
         # ---- 1. warm-up SFT -----------------------------------------------------------------------------------------
         if state.stage == "sft":
@@ -126,13 +126,21 @@ def main(argv: list[str] | None = None) -> None:
         comm.shutdown()
 
 
-def _resume_or_start(cfg, ckpt, state, logger) -> None:
-    """With --resume, load the newest checkpoint and cut metrics.jsonl back to it; otherwise (or without one) start
-    a fresh metrics.jsonl."""
-    path = ckpt.latest() if cfg.train.resume else None
-    if path is None:
-        logger.reset()
+def _resume_or_start(cfg, ckpt, state, logger, env) -> None:
+    """With --resume, load the newest checkpoint and cut metrics.jsonl back to it (no checkpoint: refuse, rather than
+    start over under the user's feet); a fresh start moves an earlier run's outputs aside instead of deleting them."""
+    if not cfg.train.resume:
+        moved = set_aside_earlier_run(ckpt.run_dir) if env.is_main else None
+        if moved is not None:
+            logger.write(f"a fresh start: the earlier run's outputs in {ckpt.run_dir} were moved to {moved} "
+                         "(--resume continues a run instead)")
+        comm.barrier()
         return
+    path = ckpt.latest()
+    if path is None:
+        raise SystemExit(f"qlfast.train: --resume: {ckpt.run_dir} holds no complete checkpoint "
+                         f"({ckpt.run_dir / 'checkpoints' / 'LATEST'} is missing); run without --resume to start fresh"
+                         if env.is_main else 1)
     ckpt.load(path)
     logger.truncate_after(state.rl_step, state.sft_step)
     logger.write(f"resumed from {path} (stage {state.stage}, SFT step {state.sft_step}, RL step {state.rl_step})")

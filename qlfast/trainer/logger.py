@@ -49,11 +49,6 @@ class MetricsLogger:
         else:
             print(msg, flush=True)
 
-    def reset(self) -> None:
-        """A fresh run: start metrics.jsonl empty (an earlier run under the same name leaves its rows there)."""
-        if self.is_main:
-            self.path.unlink(missing_ok=True)
-
     def truncate_after(self, rl_step: int, sft_step: int) -> None:
         """On resume: drop rows past the checkpoint's steps, so the metrics equal an uninterrupted run's."""
         if not self.is_main or not self.path.exists():

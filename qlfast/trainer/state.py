@@ -9,7 +9,9 @@ habit: `state_dict()` / `load_state_dict()`, so the checkpointer treats it like 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -45,3 +47,23 @@ class TrainState:
         """Record whether an RL update had a finite loss and gradient; -> the non-finite steps in a row."""
         self.bad_steps = 0 if finite else self.bad_steps + 1
         return self.bad_steps
+
+
+EARLIER_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "report.png", "report.md")
+"""What a run leaves in its folder that a fresh start under the same name would overwrite or mix with its own."""
+
+
+def set_aside_earlier_run(run_dir: Path) -> Path | None:
+    """A fresh start in a folder an earlier run used: move that run's outputs into <run_dir>/earlier/<UTC time>/
+    (nothing a user has is deleted) and return where they went; None when there was nothing to move."""
+    found = [run_dir / name for name in EARLIER_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return None
+    dest = run_dir / "earlier" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    k = 1
+    while dest.exists():  # two fresh starts within a second
+        dest, k = dest.with_name(f"{dest.name.split('.')[0]}.{k}"), k + 1
+    dest.mkdir(parents=True)
+    for p in found:
+        p.rename(dest / p.name)
+    return dest
