@@ -220,3 +220,17 @@ def test_wake_up_tracks_weights_and_kv_cache_apart():
     eng.wake_up()
     assert not eng.asleep and not eng.weights_asleep
     assert eng.llm.calls[-1] == ("wake_up", None)
+
+
+def test_vllm_logs_at_warning_unless_asked():
+    """vLLM's INFO lines ("Successfully reset prefix cache", one per step and rank) buried the progress bar."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, qlfast.rollout; print(os.environ['VLLM_LOGGING_LEVEL'])"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "WARNING"
+    assert subprocess.run([sys.executable, "-c", code], env={**env, "VLLM_LOGGING_LEVEL": "INFO"}, capture_output=True,
+                          text=True, check=True).stdout.strip() == "INFO"

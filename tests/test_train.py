@@ -118,7 +118,7 @@ def test_metrics_truncate_after_resume_step(tmp_path):
         log.log(step, {"reward_mean": float(step)})
     log.log(2, {"accuracy": 0.5, "stage": "after phase 1"}, stream="eval")
     log.close()
-    log = MetricsLogger(tmp_path, is_main=True, total_steps=4, resume_step=2)
+    log = MetricsLogger(tmp_path, is_main=True, total_steps=4)
     log.truncate_after(2, 5)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stream"], r["step"]) for r in rows] == [("sft", s) for s in range(5)] + [
@@ -126,6 +126,19 @@ def test_metrics_truncate_after_resume_step(tmp_path):
     log.truncate_after(0, 3)  # a checkpoint taken mid-SFT, after 3 SFT steps
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stream"], r["step"]) for r in rows] == [("sft", 0), ("sft", 1), ("sft", 2)]
+    log.close()
+
+
+def test_each_stage_has_its_own_progress_bar_started_by_its_first_row(tmp_path):
+    log = MetricsLogger(tmp_path, is_main=True, total_steps=6, sft_steps=3)
+    assert log.bar is None  # nothing made before a stage starts (the RL bar used to tick its clock through SFT)
+    for step in range(3):
+        log.log(step, {"sft_loss": 1.0}, stream="sft")
+    assert (log.bar.desc, log.bar.n, log.bar.total) == ("SFT", 3, 3)
+    sft_bar = log.bar
+    log.log(2, {"reward_mean": 0.5})  # RL resumed at step 2
+    assert log.bar is not sft_bar and (log.bar.desc, log.bar.n, log.bar.total) == ("RL", 3, 6)
+    assert log.bar.initial == 2  # its rate counts the steps run since it started, not the resumed ones
     log.close()
 
 

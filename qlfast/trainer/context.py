@@ -91,7 +91,7 @@ def start(cfg: Config, env: comm.Env, reward: HybridReward) -> tuple[RunContext,
     prompts = PromptSource.build(cfg, ds)
     if msg := config_mod.empty_phase_error(cfg.rl, prompts.curriculum.steps, ds.bins.report()):
         raise SystemExit(f"qlfast.train: {msg}")
-    logger = MetricsLogger(run_dir, env.is_main, prompts.curriculum.total_steps)
+    logger = MetricsLogger(run_dir, env.is_main, prompts.curriculum.total_steps, cfg.sft.steps)
     ctx = RunContext(cfg, env, tokenizer, model, ds, reward, logger, run_dir)
     skipped = f"; skipped {len(ds.skipped)} bad rows" if ds.skipped else ""
     logger.write(f"qlfast.train: {env.world} rank(s) on {env.device}; {len(ds.sft)} SFT / {len(ds.train)} RL / "

@@ -8,11 +8,18 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, resume_step: int = 0):
+    """metrics.jsonl rows (rank 0), TensorBoard scalars, and one progress bar per stage ("sft", "train" = RL), each
+    started by its stage's first row, so its rate and ETA measure that stage alone."""
+
+    BARS = {"sft": "SFT", "train": "RL"}
+
+    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, sft_steps: int = 0):
         self.is_main = is_main
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.totals = {"sft": sft_steps, "train": total_steps}
         self.tb = None
         self.bar = None
+        self.bar_stream = None
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,9 +29,20 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
         except ImportError:
             self.tb = None
-        from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=resume_step, desc="RL", unit="step", dynamic_ncols=True)
+    def _bar_for(self, stream: str, step: int):
+        """The progress bar of `stream`'s stage, created at its first row (a resumed stage starts at `step`)."""
+        if stream not in self.BARS or not self.totals[stream]:
+            return None
+        if self.bar_stream != stream:
+            from tqdm import tqdm
+
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=self.totals[stream], initial=step, desc=self.BARS[stream], unit="step",
+                            dynamic_ncols=True)
+            self.bar_stream = stream
+        return self.bar
 
     def log(self, step: int, metrics: dict, stream: str = "train") -> None:
         if not self.is_main:
@@ -36,10 +54,13 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{stream}/{k}", v, step)
-        if stream == "train" and self.bar is not None:
-            self.bar.set_postfix(phase=metrics.get("phase"), reward=f"{metrics.get('reward_mean', 0):.3f}",
-                                 acc=f"{metrics.get('accuracy', 0):.3f}", refresh=False)
-            self.bar.update(1)
+        if (bar := self._bar_for(stream, step)) is not None:
+            if stream == "train":
+                bar.set_postfix(phase=metrics.get("phase"), reward=f"{metrics.get('reward_mean', 0):.3f}",
+                                acc=f"{metrics.get('accuracy', 0):.3f}", refresh=False)
+            elif "sft_loss" in metrics:
+                bar.set_postfix(loss=f"{metrics['sft_loss']:.4f}", refresh=False)
+            bar.update(1)
 
     def write(self, msg: str) -> None:
         if not self.is_main:
