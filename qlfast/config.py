@@ -265,7 +265,8 @@ def tiny() -> Config:
 
     Trains 1000 SFT steps, then two curriculum phases of 50 RL steps (120- then 200-token prompts, 48-token
     responses) at 16 prompts x 8 responses: the run whose held-out accuracy the README reports (8 minutes measured
-    on 2 shared cores). The amounts were chosen on this machine so that SFT converges and each RL phase moves accuracy."""
+    on 2 shared cores). The amounts were chosen on this machine so that SFT converges and each RL phase moves
+    accuracy."""
     return Config()
 
 

@@ -120,6 +120,16 @@ def main(argv: list[str] | None = None) -> None:
             report = write_report(ctx.run_dir, logger.rows("train"), state.evals)
             logger.write(f"final model: {final}\nreport: {report} (and {ctx.run_dir / 'report.md'})")
         comm.barrier()
+    except SystemExit as e:  # a user-facing error (config, data, launch): the same on every rank, printed once
+        if isinstance(e.code, str) and not env.is_main:
+            time.sleep(2)  # torchrun stops every rank once one exits: let rank 0 print the message first
+            raise SystemExit(1) from None
+        raise
+    except OSError as e:  # a path the run cannot write or read (disk full, read-only, not a directory): no traceback
+        if e.filename is None or os.environ.get("QLFAST_TRACEBACK") == "1":
+            raise
+        raise SystemExit(f"qlfast.train: {e.strerror}: {e.filename} (rank {env.rank}); free space or choose another "
+                         "--train.out_dir (QLFAST_TRACEBACK=1 shows where)") from None
     finally:  # also on an exception: the engine and the process group go down with the run
         if ctx is not None:
             ctx.close()

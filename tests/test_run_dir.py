@@ -41,3 +41,16 @@ def test_resume_without_a_checkpoint_refuses(tmp_path):
     assert out.stderr.count("--resume: ") == 1 and "holds no complete checkpoint" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert (tmp_path / "tiny" / "metrics.jsonl").read_text() == '{"stream": "train", "step": 0}\n'
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_message(tmp_path):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the run folder should go")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("QLFAST_TRACEBACK", None)
+    out = subprocess.run([sys.executable, "-m", "qlfast.train", f"--train.out_dir={blocker}", "--sft.steps=2",
+                          "--rl.phases=120:8:1", "--data.synthetic_train=16", "--data.synthetic_eval=4",
+                          "--data.synthetic_sft=16"], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"{blocker}" in out.stderr and "--train.out_dir" in out.stderr, out.stderr[-2000:]
