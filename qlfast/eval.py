@@ -21,8 +21,10 @@ Outputs in --out: samples.jsonl (the resume journal: one line per sample, append
 results.json (settings, summary, the paper-style macro averages, and every sample: prompt id, response, extracted
 answer, rule score, judge verdict, reward), table.md (benchmarks as columns, Avg = mean over benchmarks last, as in
 the QwenLong-L1 tables), printed at the end. run.json pins the settings that change samples (model, n, sampling,
-seed, judge); rerunning the same command resumes from the journal, reusing a sample only when its prompt (hashed)
-is unchanged. A different setting is refused unless --overwrite is given.
+seed, judge); it is written once the engine is up, so a start that fails pins nothing. Rerunning the same command
+resumes from the journal, reusing a sample only when its prompt (hashed) is unchanged. A different setting is refused
+unless --overwrite is given. --max-new-tokens defaults to 10000 clipped to the model's max_position_embeddings minus
+the longest prompt (said when clipped); an explicit value that does not fit is refused.
 """
 
 from __future__ import annotations
@@ -111,11 +113,12 @@ def _model_fingerprint(model_dir: str) -> str:
 
 
 def _check_run(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse an --out that holds samples of other settings; writes nothing (_write_run does, once the engine is up,
+    so that a start that fails does not pin its settings)."""
     run_file = out / RUN_FILE
     if overwrite:
-        for name in (SAMPLES_FILE, RUN_FILE):
-            (out / name).unlink(missing_ok=True)
-    elif run_file.exists():
+        return
+    if run_file.exists():
         old = json.loads(run_file.read_text())
         diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
         if diff:
@@ -123,7 +126,42 @@ def _check_run(out: Path, settings: dict, overwrite: bool) -> None:
                             "--overwrite to start over")
     elif (out / SAMPLES_FILE).exists():
         raise EvalError(f"{out / SAMPLES_FILE} exists without {RUN_FILE}; use another --out or --overwrite")
-    run_file.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def _write_run(out: Path, settings: dict, overwrite: bool) -> None:
+    if overwrite:
+        (out / SAMPLES_FILE).unlink(missing_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+
+
+DEFAULT_MAX_NEW_TOKENS = 10000
+
+
+def _max_positions(model_dir: str) -> int | None:
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            n = json.load(f).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _fit_max_new_tokens(requested: int | None, longest_prompt: int, positions: int | None) -> int:
+    """--max-new-tokens that fits the model: the default clipped to max_position_embeddings minus the longest prompt
+    (with a message), an explicit value that cannot fit refused."""
+    wanted = DEFAULT_MAX_NEW_TOKENS if requested is None else requested
+    if positions is None or longest_prompt + wanted <= positions:
+        return wanted
+    room = positions - longest_prompt
+    if room < 1:
+        raise EvalError(f"the longest prompt has {longest_prompt} tokens, the model's max_position_embeddings is "
+                        f"{positions}: no room to generate; lower --max-input-tokens")
+    if requested is not None:
+        raise EvalError(f"--max-new-tokens {requested} does not fit: the model has {positions} positions and the "
+                        f"longest prompt {longest_prompt} tokens, so at most {room}")
+    print(f"qlfast.eval: --max-new-tokens clipped to {room} (default {DEFAULT_MAX_NEW_TOKENS}; max_position_embeddings "
+          f"{positions} minus the longest prompt, {longest_prompt} tokens)", file=sys.stderr)
+    return room
 
 
 def make_engine(args: argparse.Namespace, max_model_len: int):
@@ -155,7 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4, help="samples per question")
     p.add_argument("--max-input-tokens", type=int, default=120000, help="prompt budget; longer documents are "
                    "middle-truncated")
-    p.add_argument("--max-new-tokens", type=int, default=10000)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"response budget (default {DEFAULT_MAX_NEW_TOKENS}, clipped to what the model's "
+                   "max_position_embeddings leaves after the longest prompt)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--judge", default="none", help="none | http(s)://host/v1 | judge model directory")
@@ -185,7 +225,7 @@ def _run(args: argparse.Namespace) -> int:
     from qlfast.rollout.engine import EngineStartError
 
     for name in ("n", "max_input_tokens", "max_new_tokens", "batch_prompts"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise EvalError(f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
@@ -206,6 +246,9 @@ def _run(args: argparse.Namespace) -> int:
         print("qlfast.eval: note: --temperature 0 is greedy, so the n samples of a question are identical",
               file=sys.stderr)
 
+    longest = max(len(x) for x in prompt_ids)
+    args.max_new_tokens = _fit_max_new_tokens(args.max_new_tokens, longest, _max_positions(args.model))
+
     out = Path(args.out or os.path.join(args.model, "eval"))
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": os.path.abspath(args.model), "model_fingerprint": _model_fingerprint(args.model),
@@ -219,9 +262,12 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, EngineStartError) as e:
         raise EvalError(str(e)) from None
     try:
-        engine = make_engine(args, max(len(x) for x in prompt_ids) + args.max_new_tokens + 8)
+        max_len = longest + args.max_new_tokens + 8
+        positions = _max_positions(args.model)
+        engine = make_engine(args, min(max_len, positions) if positions else max_len)
     except (EngineStartError, FileNotFoundError, PermissionError) as e:
         raise EvalError(str(e)) from None
+    _write_run(out, settings, args.overwrite)
     samples_path = out / SAMPLES_FILE
     t0 = time.perf_counter()
     try:

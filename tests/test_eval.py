@@ -291,14 +291,17 @@ class CLIFake(FakeEngine):
         return FakeSample(tuple(ids) + (self.tokenizer.eos_token_id,), len(ids) + 1, "stop")
 
 
-def _cli(monkeypatch, tokenizer_dir, argv, interrupt_at=None, max_prompt=10**9):
+def _cli(monkeypatch, tokenizer_dir, argv, interrupt_at=None, max_prompt=10**9, engine_error=None):
     from qlfast.data.tokenizer import load_tokenizer
 
     fakes = []
 
     def make_engine(args, max_model_len):
+        if engine_error is not None:
+            raise engine_error
         answers = {q: (a if isinstance(a, str) else a[0]) for _, q, a in ROWS}
         fakes.append(CLIFake(load_tokenizer(tokenizer_dir), answers, max_prompt, interrupt_at))
+        fakes[-1].max_new_tokens, fakes[-1].max_model_len = args.max_new_tokens, max_model_len
         return fakes[-1]
 
     monkeypatch.setattr(ev, "make_engine", make_engine)
@@ -357,6 +360,60 @@ def test_cli_truncation_table_and_resume(tmp_path, tokenizer_dir, monkeypatch, c
     assert rc == 2 and "temperature: 0.7 -> 0.2" in capsys.readouterr().err
     rc, fakes = _cli(monkeypatch, tokenizer_dir, [*argv, "--out", str(out), "--temperature", "0.2", "--overwrite"])
     assert rc == 0 and sum(len(c) for c in fakes[0].calls) == 5
+
+
+@pytest.fixture
+def model_dir_300(tmp_path, tokenizer_dir):
+    """The tokenizer dir with a config.json of 300 positions (as runs/tiny/final has 4096, which the default 10000 new
+    tokens do not fit)."""
+    path = tmp_path / "model"
+    shutil.copytree(tokenizer_dir, path)
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 300}))
+    return str(path)
+
+
+def test_cli_default_max_new_tokens_fits_the_model(tmp_path, model_dir_300, monkeypatch, capsys):
+    from qlfast.data.tokenizer import load_tokenizer
+
+    data = tmp_path / "bench.jsonl"
+    _write_jsonl(data, ROWS)
+    argv = ["--data", str(data), "--n", "2", "--out", str(tmp_path / "o")]
+    longest = max(len(x) for x in ev.prepare_prompts(load_tokenizer(model_dir_300), ev.load_examples([str(data)]),
+                                                     120000)[0])
+    room = 300 - longest
+    assert 0 < room < 10000
+    rc, fakes = _cli(monkeypatch, model_dir_300, argv)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert fakes[0].max_new_tokens == room and fakes[0].max_model_len == 300  # prompt + response = the positions
+    assert f"--max-new-tokens clipped to {room} (default 10000" in err
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["max_new_tokens"] == room
+    rc, fakes = _cli(monkeypatch, model_dir_300, argv)  # the same command resumes: nothing generated again
+    assert rc == 0 and fakes[0].calls == []
+    capsys.readouterr()
+    rc, fakes = _cli(monkeypatch, model_dir_300, [*argv, "--max-new-tokens", str(room + 1)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not fakes and "Traceback" not in err
+    assert f"--max-new-tokens {room + 1} does not fit" in err and f"at most {room}" in err
+    rc, fakes = _cli(monkeypatch, model_dir_300, [*argv, "--max-new-tokens", "16", "--overwrite"])
+    assert rc == 0 and fakes[0].max_new_tokens == 16 and fakes[0].max_model_len == longest + 16 + 8
+    assert "clipped" not in capsys.readouterr().err
+
+
+def test_cli_failed_engine_start_pins_no_settings(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    from qlfast.rollout.engine import EngineStartError
+
+    data = tmp_path / "bench.jsonl"
+    _write_jsonl(data, ROWS)
+    out = tmp_path / "o"
+    argv = ["--data", str(data), "--out", str(out)]
+    rc, _ = _cli(monkeypatch, tokenizer_dir, [*argv, "--max-new-tokens", "99999"],
+                 engine_error=EngineStartError("vLLM: max_model_len exceeds the model's 4096 positions"))
+    assert rc == 2 and "4096 positions" in capsys.readouterr().err
+    assert not (out / "run.json").exists()
+    rc, fakes = _cli(monkeypatch, tokenizer_dir, [*argv, "--max-new-tokens", "64"])  # the corrected command runs
+    assert rc == 0 and sum(len(c) for c in fakes[0].calls) == len(ROWS), capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["max_new_tokens"] == 64
 
 
 def test_training_and_cli_render_the_same_prompts(tmp_path, tokenizer_dir):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 from safetensors import safe_open
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 
 
 def weight_files(path: str, params=None) -> dict[str, str]:
@@ -82,14 +84,18 @@ def load_weights(model, path, *, dtype=None, device=None) -> None:
     model.model.rotary_emb.inv_freq = rope_parameters(model.config, device)[0]
 
 
-def save(model, path, *, tokenizer=None, max_shard_bytes: int = 4 * 2**30, state_dict=None) -> None:
+def save(model, path, *, tokenizer=None, max_shard_bytes: int = 4 * 2**30, state_dict=None, dtype=None) -> None:
     """Write config.json, safetensors (sharded past max_shard_bytes, with an index) and the tokenizer if given.
 
-    state_dict: pass a gathered full state dict when the model is sharded (FSDP2); default: model.state_dict()."""
+    state_dict: pass a gathered full state dict when the model is sharded (FSDP2); default: model.state_dict().
+    dtype: the floating-point tensors are written in it (the compute dtype, not fp32 masters); default: as stored.
+    config.json names the written dtype as both `dtype` (transformers 5) and `torch_dtype` (what transformers 4 and
+    older vLLM read). A model loaded from a directory with generation_config.json gets a copy of it (the sampling
+    defaults and stop tokens that transformers and vLLM apply)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if "rotary_emb" not in k}
+    sd = {k: _cast(v.detach().to("cpu"), dtype).contiguous() for k, v in sd.items() if "rotary_emb" not in k}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     for stale in (SINGLE, INDEX):
@@ -117,8 +123,23 @@ def save(model, path, *, tokenizer=None, max_shard_bytes: int = 4 * 2**30, state
         with open(os.path.join(path, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     config = model.config
-    dtype = next(iter(sd.values())).dtype
-    config.dtype = str(dtype).removeprefix("torch.")
+    written = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    config.dtype = written
     config.save_pretrained(path)
+    config_file = os.path.join(path, "config.json")
+    with open(config_file) as f:
+        conf = json.load(f)
+    conf["torch_dtype"] = written
+    with open(config_file, "w") as f:
+        json.dump(conf, f, indent=2, sort_keys=True)
+        f.write("\n")
+    source = getattr(config, "_name_or_path", "") or ""  # the directory load_config read, if any
+    gen, dest = os.path.join(source, GENERATION_CONFIG), os.path.join(path, GENERATION_CONFIG)
+    if source and os.path.isfile(gen) and os.path.realpath(gen) != os.path.realpath(dest):
+        shutil.copyfile(gen, dest)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def _cast(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t

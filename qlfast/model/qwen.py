@@ -177,9 +177,10 @@ class QwenForCausalLM(nn.Module):
         io.load_weights(model, path, dtype=dtype, device=device)
         return model
 
-    def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int = 4 * 2**30):
-        """Write config.json + safetensors (sharded with an index past max_shard_bytes), and the tokenizer if given."""
-        io.save(self, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+    def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int = 4 * 2**30, dtype=None):
+        """Write config.json + safetensors (sharded with an index past max_shard_bytes, in `dtype` if given, else as
+        stored), the tokenizer if given, and the source directory's generation_config.json if it had one."""
+        io.save(self, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):

@@ -127,7 +127,10 @@ def render(tokenizer, ex: docqa.DocQAExample, max_tokens: int | None = None) -> 
 
 
 def export(model, path, tokenizer, env) -> None:
-    """Write the model (HF layout) and tokenizer to `path`; collective under FSDP2 (the full weights are gathered)."""
+    """Write the model (HF layout) and tokenizer to `path`; collective under FSDP2 (the full weights are gathered).
+
+    The weights are written in the compute dtype (--model.dtype), never as the fp32 masters: full_state_dict casts
+    under FSDP2, and a replicated model's working copy is cast explicitly here."""
     if env.fsdp:
         from qlfast.model import io
         from qlfast.parallel.fsdp import full_state_dict
@@ -136,4 +139,5 @@ def export(model, path, tokenizer, env) -> None:
         if env.is_main:
             io.save(model, path, tokenizer=tokenizer, state_dict=full)
     elif env.is_main:
-        model.save_pretrained(path, tokenizer)
+        masters = precision.masters(model)
+        model.save_pretrained(path, tokenizer, dtype=masters.compute if masters is not None else None)
