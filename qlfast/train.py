@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # ---- 1. warm-up SFT -----------------------------------------------------------------------------------------
         if state.stage == "sft":
-            responses = sft.response_ids(ctx.tokenizer, ds.sft)
+            responses = sft.response_ids(ctx.tokenizer, ds.sft, ds.sft_prompt_ids)
             for step in range(state.sft_step, cfg.sft.steps):
                 idx = sft.step_indices(len(ds.sft), cfg.sft.batch_size, step, cfg.data.seed)
                 m = sft.sft_step(model, sft_opt, sft_sched, ds.sft_prompt_ids, responses, idx, env,

@@ -275,3 +275,21 @@ def test_checkpointer_round_trips_every_part(tmp_path):
     assert state2 == state and state2.evaluated("after SFT") and not state2.evaluated("after phase 1")
     assert counter2.n == 7 and sched2.last_epoch == 1
     assert all(torch.equal(a, b) for a, b in zip(step(model2, opt2, sched2), expected))
+
+
+def test_sft_response_does_not_reopen_the_thinking_the_template_opened():
+    """An R1-style generation prompt ends in "<think>\\n": the worked response must not add a second "<think>"."""
+    from types import SimpleNamespace
+
+    from qlfast.trainer import build, sft
+
+    cfg = config.from_args(["--data.synthetic_train=8", "--data.synthetic_sft=8", "--data.synthetic_eval=4"])
+    tok, _ = build.tokenizer_and_model(cfg, torch.device("cpu"))
+    worked = "<think>\nKestrel House: 4.\n</think> Therefore, the answer is 4"
+    ex = SimpleNamespace(uid="a", extra={"reasoning": worked})
+    opened = tok.encode("What is the code?\nAssistant: <think>\n", add_special_tokens=False)
+    plain = tok.encode("What is the code?\nAssistant:", add_special_tokens=False)
+    (r_opened,), (r_plain,) = sft.response_ids(tok, [ex], [opened]), sft.response_ids(tok, [ex], [plain])
+    assert tok.decode(opened + r_opened[:-1]).count("<think>") == 1
+    assert tok.decode(r_opened[:-1]).startswith("Kestrel House: 4.")
+    assert tok.decode(r_plain[:-1]).startswith("<think>")  # a prompt that opened nothing keeps the response whole

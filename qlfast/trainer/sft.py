@@ -6,18 +6,25 @@ from __future__ import annotations
 import random
 
 from qlfast.ops.linear_logprob import linear_logprob
+from qlfast.reward.dispatch import opens_thinking
 from qlfast.trainer import comm, sp
 from qlfast.trainer.optim import clip_and_step
 from qlfast.trainer.packing import empty_batch, pack, split_by_tokens
 
 
-def response_ids(tokenizer, examples) -> list[list[int]]:
+def response_ids(tokenizer, examples, prompt_ids=None) -> list[list[int]]:
+    """Each example's worked response as token ids + EOS. When its prompt already opens the thinking (an R1-style
+    template's generation prompt ends in "<think>\\n"), a leading "<think>" of the response is dropped: the trained
+    sequence then reads "<think>\\n...</think> answer" as the model will see it at rollout, not "<think>\\n<think>"."""
     eos = tokenizer.eos_token_id
     out = []
-    for ex in examples:
+    for k, ex in enumerate(examples):
         if "reasoning" not in ex.extra:
             raise ValueError(f"SFT: example {ex.uid} has no worked response (extra['reasoning'])")
-        out.append(tokenizer.encode(ex.extra["reasoning"], add_special_tokens=False) + [eos])
+        text = ex.extra["reasoning"]
+        if prompt_ids is not None and text.lstrip().startswith("<think>") and opens_thinking(tokenizer, prompt_ids[k]):
+            text = text.lstrip()[len("<think>"):].lstrip("\n")
+        out.append(tokenizer.encode(text, add_special_tokens=False) + [eos])
     return out
 
 
