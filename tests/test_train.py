@@ -293,3 +293,27 @@ def test_sft_response_does_not_reopen_the_thinking_the_template_opened():
     assert tok.decode(opened + r_opened[:-1]).count("<think>") == 1
     assert tok.decode(r_opened[:-1]).startswith("Kestrel House: 4.")
     assert tok.decode(r_plain[:-1]).startswith("<think>")  # a prompt that opened nothing keeps the response whole
+
+
+def test_report_shows_what_an_rl_user_looks_at_first(tmp_path):
+    from qlfast.trainer.report import figure, write_report
+
+    rows = [{"step": s, "phase": s // 3, "reward_mean": 0.1 * s, "accuracy": 0.1 * s, "response_len_mean": 20.0 + s,
+             "truncated_frac": 0.1, "entropy_mean": 1.0 - 0.1 * s, "clip_frac_low": 0.01, "clip_frac_high": 0.02,
+             "grad_norm": 0.5, "time_rollout_reward": 1.0, "time_train": 0.5, "time_sync": 0.1, "judge_calls": 0}
+            for s in range(6)]
+    evals = [{"stage": "after SFT", "step": 0, "accuracy": 0.2, "greedy_accuracy": 0.25, "n": 40, "samples": 4}]
+
+    def texts(fig):
+        return [t.get_text() for ax in fig.axes for t in [ax.title, *(ax.get_legend().get_texts()
+                                                                       if ax.get_legend() else [])]]
+
+    shown = " | ".join(texts(figure(rows, evals)))
+    for want in ("accuracy (rule)", "k=4", "avg@4", "mean response tokens", "token entropy", "clipped high",
+                 "grad norm", "rollout + reward", "weight sync"):
+        assert want in shown, (want, shown)
+    assert "rule+judge" not in shown  # no judge ran: the accuracy is the rule's alone
+    judged = [{**r, "judge_calls": 3} for r in rows]
+    assert "accuracy (rule+judge)" in " | ".join(texts(figure(judged, evals)))
+    assert write_report(tmp_path, rows, evals).exists()
+    assert "| after SFT | 0 | 20.0%" in (tmp_path / "report.md").read_text()
