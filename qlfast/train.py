@@ -28,6 +28,7 @@ from qlfast.trainer.state import TrainState, set_aside_earlier_run
 
 def main(argv: list[str] | None = None) -> None:
     cfg = config_mod.from_args(argv, description=__doc__)
+    comm.die_with_launcher()  # a killed torchrun takes its ranks with it
     env = comm.init(cfg.train.device, fsdp=cfg.model.fsdp, sp=cfg.model.sp, sp_attention=cfg.model.sp_attention,
                     sp_ulysses=cfg.model.sp_ulysses)
     ctx = None

@@ -54,3 +54,43 @@ def test_an_out_dir_that_cannot_be_written_is_one_message(tmp_path):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert f"{blocker}" in out.stderr and "--train.out_dir" in out.stderr, out.stderr[-2000:]
+
+
+def test_ranks_die_with_their_launcher(tmp_path):
+    """kill -9 of torchrun left both ranks training to the end (each rank is in its own session)."""
+    import signal
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    child = ("import os, time; from qlfast.trainer import comm; armed = comm.die_with_launcher(); "
+             f"open({str(pidfile)!r}, 'w').write(f'{{os.getpid()}} {{armed}}'); time.sleep(120)")
+    launcher = ("import subprocess, sys, time; "
+                f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); time.sleep(120)")
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test"}
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env=env)
+    try:
+        deadline = time.time() + 60
+        while not (pidfile.exists() and pidfile.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.2)
+        pid, armed = pidfile.read_text().split()
+        assert armed == "True"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                break
+            # a zombie whose parent is gone is reaped by init; /proc shows its state meanwhile
+            try:
+                if open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z":
+                    break
+            except FileNotFoundError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(int(pid), signal.SIGKILL)
+            raise AssertionError("the child outlived its launcher by 20 s")
+    finally:
+        parent.kill()

@@ -47,6 +47,26 @@ class Env:
         return self.rank == 0
 
 
+def die_with_launcher() -> bool:
+    """Under torchrun (each worker is in its own process session), ask the kernel to SIGTERM this process when its
+    launcher dies, so a kill -9 of torchrun does not leave ranks training on (Linux prctl PR_SET_PDEATHSIG). Returns
+    whether it is armed; a plain `python -m qlfast.train` (parent: the user's shell, perhaps under nohup) is left
+    alone."""
+    import ctypes
+    import signal
+    import sys
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != launcher:  # it died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def init(device_pref: str = "auto", *, fsdp: bool = False, sp: int = 1, sp_attention: str = "ring",
          sp_ulysses: int = 1) -> Env:
     """The process group (when there is more than one rank, or with fsdp), the sp groups, and this rank's device."""
