@@ -317,3 +317,21 @@ def test_report_shows_what_an_rl_user_looks_at_first(tmp_path):
     assert "accuracy (rule+judge)" in " | ".join(texts(figure(judged, evals)))
     assert write_report(tmp_path, rows, evals).exists()
     assert "| after SFT | 0 | 20.0%" in (tmp_path / "report.md").read_text()
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_path_and_keeps_latest(tmp_path, monkeypatch):
+    import errno
+
+    def write_model(d):
+        Path(d).mkdir(parents=True, exist_ok=True)
+
+    first = checkpoint.save(tmp_path, "rl-000001", save_model=write_model, state={"a": 1}, trainer_state={"x": 1})
+
+    def full(*_a, **_k):  # what torch.save raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(OSError) as e:
+        checkpoint.save(tmp_path, "rl-000002", save_model=write_model, state={"a": 2}, trainer_state={"x": 2})
+    assert e.value.errno == errno.ENOSPC and "rl-000002" in e.value.filename and "LATEST unchanged" in str(e.value)
+    assert checkpoint.latest(tmp_path) == first and not (tmp_path / "checkpoints" / "rl-000002.tmp").exists()

@@ -17,6 +17,7 @@ loads them all; `save` / `load` / `latest` below do the file work.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -122,12 +123,19 @@ def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_stat
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    save_model(str(tmp / "model"))
-    if sharded is not None:
-        save_sharded(tmp / "dcp", *sharded)
-    torch.save(trainer_state, tmp / f"trainer-rank{rank}.pt")
-    if rank == 0:
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+    try:
+        save_model(str(tmp / "model"))
+        if sharded is not None:
+            save_sharded(tmp / "dcp", *sharded)
+        torch.save(trainer_state, tmp / f"trainer-rank{rank}.pt")
+        if rank == 0:
+            (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+    except RuntimeError as e:  # torch's zip writer reports a full disk as "unexpected pos N vs M", with no path
+        if "unexpected pos" in str(e) or shutil.disk_usage(tmp.parent).free < (64 << 20):
+            shutil.rmtree(tmp, ignore_errors=True)  # LATEST still names the previous, complete checkpoint
+            raise OSError(errno.ENOSPC, f"No space left on device writing checkpoint {tag} (LATEST unchanged)",
+                          str(tmp)) from e
+        raise
     _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
