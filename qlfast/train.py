@@ -22,7 +22,7 @@ from qlfast import config as config_mod
 from qlfast.reward.factory import reward_from_config
 from qlfast.rollout.weight_sync import wake_and_sync
 from qlfast.trainer import build, checkpoint, comm, context, heldout, optim, precision, reference, rl_step, sft
-from qlfast.trainer.report import write_report
+from qlfast.trainer.report import phase_line, write_report
 from qlfast.trainer.state import TrainState, set_aside_earlier_run
 
 
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             logger.log(step, row)
             state.rl_step = step + 1
             phase_done = prompts.curriculum.phase_of(step + 1) != phase_i or step + 1 == total
+            if phase_done:
+                logger.write(phase_line(logger.rows("train"), phase_i))
             if phase_done and cfg.train.eval_every_phase:
                 state.evals.append(heldout.accuracy(ctx, f"after phase {phase_i + 1}", step + 1))
             stop = cfg.train.stop_at_step and step + 1 >= cfg.train.stop_at_step

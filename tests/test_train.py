@@ -335,3 +335,13 @@ def test_a_full_disk_at_a_checkpoint_names_the_path_and_keeps_latest(tmp_path, m
         checkpoint.save(tmp_path, "rl-000002", save_model=write_model, state={"a": 2}, trainer_state={"x": 2})
     assert e.value.errno == errno.ENOSPC and "rl-000002" in e.value.filename and "LATEST unchanged" in str(e.value)
     assert checkpoint.latest(tmp_path) == first and not (tmp_path / "checkpoints" / "rl-000002.tmp").exists()
+
+
+def test_phase_line_sums_up_a_phase():
+    from qlfast.trainer.report import phase_line
+
+    rows = [{"step": s, "phase": 0 if s < 10 else 1, "accuracy": s / 20, "time_step": 6.0, "time_rollout_reward": 3.0,
+             "response_len_mean": 30.0} for s in range(20)]
+    line = phase_line(rows, 1)
+    assert line.startswith("phase 2 done: 10 steps in 1.0 min (50% rollout + reward)"), line
+    assert "rollout accuracy 52.5% -> 92.5%" in line and "response 30 tokens" in line

@@ -7,6 +7,26 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def phase_line(rows: list[dict], phase: int) -> str:
+    """One line summing up a finished curriculum phase from its metrics rows: steps, wall time, rollout accuracy at
+    its start and end, response length, and the share of time spent generating."""
+    mine = [r for r in rows if r.get("phase") == phase]
+    if not mine:
+        return f"phase {phase + 1}: no steps"
+    seconds = sum(r.get("time_step", 0.0) for r in mine)
+    gen = sum(r.get("time_rollout_reward", 0.0) for r in mine)
+    head, tail = mine[: max(1, len(mine) // 5)], mine[-max(1, len(mine) // 5):]
+
+    def mean(rs, k):
+        return sum(r.get(k, 0.0) for r in rs) / len(rs)
+
+    share = 100 * gen / max(seconds, 1e-9)
+    first, last = 100 * mean(head, "accuracy"), 100 * mean(tail, "accuracy")
+    return (f"phase {phase + 1} done: {len(mine)} steps in {seconds / 60:.1f} min ({share:.0f}% rollout + reward); "
+            f"rollout accuracy {first:.1f}% -> {last:.1f}% (first / last fifth), response "
+            f"{mean(tail, 'response_len_mean'):.0f} tokens")
+
+
 def _series(rows: list[dict], key: str) -> list[float]:
     return [float(r.get(key, float("nan"))) for r in rows]
 
