@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> None:
         rl_opt = optim.adamw(model, cfg.rl.lr, cfg.rl.weight_decay)
         rl_sched = optim.schedule(rl_opt, cfg.rl.warmup_steps)
         state = TrainState()
-        # FSDP2: model and RL optimizer in dcp/; replicated: the fp32 masters when bf16 computes
+        # FSDP2: model and both optimizers in dcp/; replicated: the fp32 masters when bf16 computes
         replicated = {} if env.fsdp else {"model": precision.Weights(model), "sft_opt": sft_opt, "rl_opt": rl_opt}
         ckpt = checkpoint.Checkpointer(
             ctx.run_dir, shared={"train": state, "curriculum": prompts.curriculum, "difficulty": prompts.difficulty},
             per_rank={**replicated, "sft_sched": sft_sched, "rl_sched": rl_sched, "rng": checkpoint.RNGState()},
-            sharded=(model, rl_opt) if env.fsdp else None,
+            sharded=(model, rl_opt, sft_opt) if env.fsdp else None,
             export=lambda d: build.export(model, d, ctx.tokenizer, env))
         _resume_or_start(cfg, ckpt, state, logger, env)
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
                 if step % 10 == 0 or step + 1 == cfg.sft.steps:
                     logger.write(f"SFT step {step + 1}/{cfg.sft.steps}: loss {m['sft_loss']:.4f}")
                 logger.log(step, {k: v for k, v in m.items() if k != "finite"}, stream="sft")
+                if (step + 1) % cfg.sft.checkpoint_every == 0 and step + 1 < cfg.sft.steps:
+                    ckpt.save(f"sft-{step + 1:06d}")  # a run killed during SFT resumes from here (the last: "sft")
             state.stage = "rl"
             ckpt.save("sft")
 

@@ -103,6 +103,24 @@ def test_sharded_checkpoint_leaves_an_unstepped_optimizer_alone(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(step(other, other_opt), step(model, opt)))
 
 
+def test_sharded_checkpoint_holds_every_optimizer(tmp_path):
+    """Both optimizers of a run (RL, then SFT) go into dcp/: an SFT optimizer that has stepped round-trips next to an
+    RL optimizer that has not (under FSDP2 a resume during SFT otherwise restarts Adam's moments)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    rl_opt, sft_opt = optim.adamw(model, lr=1e-2), optim.adamw(model, lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.linspace(-1, 1, p.numel()).view_as(p)
+    sft_opt.step()
+    checkpoint.save_sharded(tmp_path / "c", model, rl_opt, sft_opt)
+    other = torch.nn.Linear(8, 4)
+    other_rl, other_sft = optim.adamw(other, lr=1e-2), optim.adamw(other, lr=1e-2)
+    checkpoint.load_sharded(tmp_path / "c", other, other_rl, other_sft)
+    assert not other_rl.state and float(other_sft.state[other.weight]["step"]) == 1.0
+    assert torch.equal(other_sft.state[other.weight]["exp_avg_sq"], sft_opt.state[model.weight]["exp_avg_sq"])
+    assert torch.equal(other.weight, model.weight)
+
+
 def test_rng_state_round_trip():
     s = checkpoint.rng_state()
     a = torch.rand(3)

@@ -5,7 +5,7 @@ half-written checkpoint under a real name; a save starts by clearing any <tag>.t
     model/              Hugging Face layout (config.json, safetensors, tokenizer): loads into transformers and vLLM
     trainer-rank<r>.pt  that rank's torch state: schedulers and RNG streams, and (unless sharded) the model and the
                         optimizers
-    dcp/                FSDP2 only: the sharded model and RL optimizer (torch.distributed.checkpoint, one file per
+    dcp/                FSDP2 only: the sharded model and optimizers (torch.distributed.checkpoint, one file per
                         rank), in place of their copies in trainer-rank<r>.pt
     state.json          the JSON state, the same on every rank: the run's TrainState (stage, steps, evaluations),
                         the curriculum samplers' positions, the difficulty table
@@ -76,7 +76,7 @@ class Checkpointer:
 
         shared    JSON parts, the same on every rank -> state.json (rank 0 writes, every rank reads)
         per_rank  torch parts -> trainer-rank<r>.pt (every rank its own), loaded in this order
-        sharded   FSDP2's (model, optimizer) -> dcp/ (collective), instead of per-rank copies
+        sharded   FSDP2's (model, optimizer, ...) -> dcp/ (collective), instead of per-rank copies
         export    writes the HF model directory model/ (a collective under FSDP2; rank 0 writes)
     """
 
@@ -112,7 +112,7 @@ def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_stat
     """Write checkpoint `tag` on every rank (rank 0 writes the model and state.json); return its final path.
 
     save_model(dir) writes the HF model directory (called on every rank: FSDP gathers are collective; the callee
-    writes only on rank 0). trainer_state is this rank's optimizer/scheduler/RNG dict. sharded=(model, optimizer):
+    writes only on rank 0). trainer_state is this rank's optimizer/scheduler/RNG dict. sharded=(model, optimizer, ...):
     FSDP2-sharded, written to dcp/ by save_sharded.
     """
     root = Path(run_dir) / "checkpoints"
@@ -189,8 +189,12 @@ def _json_default(o):
 # ---- FSDP2: model and optimizer state as sharded DCP checkpoints (each rank writes and reads its own shards) ----
 
 
-def save_sharded(path: str | Path, model, optimizer) -> None:
-    """Write the sharded model and optimizer state (collective).
+def _optim_key(i: int) -> str:
+    return "optim" if i == 0 else f"optim{i}"  # the first optimizer keeps the key of checkpoints that held only one
+
+
+def save_sharded(path: str | Path, model, *optimizers) -> None:
+    """Write the sharded model and optimizers' state (collective; the trainer's: the RL and the SFT optimizer).
 
     An optimizer that has not stepped yet is left out: DCP's get_optimizer_state_dict would create its state with a
     zero-gradient step(), which AdamW counts, so the first real update would take step-2 bias corrections and move the
@@ -199,22 +203,25 @@ def save_sharded(path: str | Path, model, optimizer) -> None:
     from torch.distributed.checkpoint import state_dict as sd
 
     state = {"model": sd.get_model_state_dict(model)}
-    if optimizer.state:
-        state["optim"] = sd.get_optimizer_state_dict(model, optimizer)
+    for i, optimizer in enumerate(optimizers):
+        if optimizer.state:
+            state[_optim_key(i)] = sd.get_optimizer_state_dict(model, optimizer)
     dcp.save(state, checkpoint_id=str(path))
 
 
-def load_sharded(path: str | Path, model, optimizer) -> None:
-    """Read what save_sharded wrote into the sharded model and optimizer (collective)."""
+def load_sharded(path: str | Path, model, *optimizers) -> None:
+    """Read what save_sharded wrote into the sharded model and optimizers, given in the same order (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import state_dict as sd
 
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state = {"model": sd.get_model_state_dict(model)}
-    if any(k.startswith("optim.") for k in saved):
-        # the template's zero-gradient step (see save_sharded) is overwritten by the loaded state, step count included
-        state["optim"] = sd.get_optimizer_state_dict(model, optimizer)
+    for i, optimizer in enumerate(optimizers):
+        if any(k.startswith(_optim_key(i) + ".") for k in saved):
+            # the template's zero-gradient step (see save_sharded) is overwritten by the loaded state, step included
+            state[_optim_key(i)] = sd.get_optimizer_state_dict(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     sd.set_model_state_dict(model, state["model"])
-    if "optim" in state:
-        sd.set_optimizer_state_dict(model, optimizer, state["optim"])
+    for i, optimizer in enumerate(optimizers):
+        if _optim_key(i) in state:
+            sd.set_optimizer_state_dict(model, optimizer, state[_optim_key(i)])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from qlfast import planner
 from qlfast.config import Config
 from qlfast.reward.hybrid import HybridReward
 from qlfast.rollout.engine import EngineConfig, RolloutEngine
-from qlfast.trainer import build, comm, precision, sp
+from qlfast.trainer import build, comm, precision, runlock, sp
 from qlfast.trainer.logger import MetricsLogger
 from qlfast.trainer.rl_step import PromptSource
 
@@ -41,6 +42,7 @@ class RunContext:
     logger: MetricsLogger | None = None
     run_dir: Path | None = None
     engine: RolloutEngine | None = None  # from the end of SFT on
+    lock: runlock.RunLock | None = None  # rank 0's hold on <run_dir>/.lock (one writer per run folder)
 
     def start_engine(self, weight_version: int = 0) -> RolloutEngine:
         """Export the current weights and start the colocated engine on them (collective); -> the engine."""
@@ -68,16 +70,44 @@ class RunContext:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.close()
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            lock.release()
 
 
 def start(cfg: Config, env: comm.Env, reward: HybridReward) -> tuple[RunContext, PromptSource]:
     """Everything a run needs before its first step: the memory plan's check (qlfast/planner.py, before any weight is
     loaded), the seeded policy (sharded under FSDP2), the datasets binned into the curriculum's phases, the prompt
-    source, the metrics logger, the start-up lines and <run_dir>/config.json."""
+    source, the metrics logger, the start-up lines and <run_dir>/config.json. First of all rank 0 locks the run
+    folder (qlfast/trainer/runlock.py): if another run holds it, every rank stops with the holder's pid and host."""
+    run_dir = Path(cfg.train.out_dir) / cfg.train.name
+    lock, refused = None, None
+    if env.is_main:
+        try:
+            lock = runlock.acquire(run_dir)
+        except runlock.RunLocked as e:
+            refused = str(e)
+    if comm.all_gather_objects(refused)[0]:  # rank 0's outcome: every rank stops, none waits at a collective
+        if env.is_main:  # said once; the barrier lets it out before a rank's exit makes torchrun stop the others
+            print(f"qlfast.train: {refused}", file=sys.stderr, flush=True)
+        comm.barrier()
+        raise SystemExit(1)
+    try:
+        ctx, prompts = _build(cfg, env, reward, run_dir)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    ctx.lock = lock
+    if lock is not None and lock.note:
+        ctx.logger.write(lock.note)
+    return ctx, prompts
+
+
+def _build(cfg: Config, env: comm.Env, reward: HybridReward, run_dir: Path) -> tuple[RunContext, PromptSource]:
     gpu_gib = torch.cuda.get_device_properties(env.device).total_memory / 2**30 if env.device.type == "cuda" else None
     plan_note = planner.check_run(cfg, env.world, int(os.environ.get("LOCAL_WORLD_SIZE", env.world)), gpu_gib)
     torch.manual_seed(cfg.train.seed)
-    run_dir = Path(cfg.train.out_dir) / cfg.train.name
     tokenizer, model = build.tokenizer_and_model(cfg, env.device)
     if env.fsdp:  # fp32 shards, bf16 compute; a checkpoint (built on meta) fills each rank's shards
         comm.shard_model(model, env, cpu_offload=cfg.model.optimizer_offload,

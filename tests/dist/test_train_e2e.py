@@ -129,3 +129,45 @@ def test_sp2_run_matches_the_replicated_run(full_run, tmp_path):
                  rel=1e-5, keys=("sft_loss", "grad_norm", "tokens"))
     _assert_same(_rows(base / "full" / "metrics.jsonl", "eval"), _rows(tmp_path / "sp2" / "metrics.jsonl", "eval"),
                  rel=0, keys=("accuracy", "greedy_accuracy", "no_answer"))
+
+
+@pytest.mark.parametrize("mode", ["replicated", "fsdp"])
+def test_sft_checkpoints_every_n_steps_and_a_run_killed_in_sft_resumes_there(tmp_path, mode):
+    """--sft.checkpoint_every=4 of 8 SFT steps writes sft-000004 (the end of SFT and the first RL checkpoint prune it,
+    so it is copied aside while run A goes on); a run folder as a kill after SFT step 8 leaves it (that checkpoint,
+    all 8 SFT rows) resumes from SFT step 4, and its SFT steps 4-7 and RL steps equal run A's. Under FSDP2 the SFT
+    optimizer's moments live in dcp/ (a resume without them takes different SFT steps)."""
+    import shutil
+    import threading
+    import time
+
+    extra = ["--sft.steps=8", "--sft.checkpoint_every=4", "--rl.phases=120:24:2", "--train.eval_every_phase=false",
+             *(["--model.fsdp=true"] if mode == "fsdp" else [])]
+    mid = tmp_path / "A" / "checkpoints" / "sft-000004"
+    snapshot = tmp_path / "snapshot"
+    result = {}
+    run_a = threading.Thread(target=lambda: result.update(out=_train(tmp_path, "A", *extra)))
+    run_a.start()
+    while run_a.is_alive() and not snapshot.exists():
+        if (mid / "state.json").exists():
+            shutil.copytree(mid, snapshot)
+        time.sleep(0.05)
+    run_a.join()
+    assert "report:" in result["out"]
+    assert snapshot.exists(), "run A wrote no sft-000004 checkpoint"
+    assert json.loads((snapshot / "state.json").read_text())["train"]["sft_step"] == 4
+    if mode == "fsdp":
+        assert (snapshot / "dcp").is_dir()
+
+    a_sft = _rows(tmp_path / "A" / "metrics.jsonl", "sft")
+    assert [r["step"] for r in a_sft] == list(range(8))
+    b = tmp_path / "B" / "checkpoints"
+    shutil.copytree(snapshot, b / "sft-000004")
+    (b / "LATEST").write_text("sft-000004")
+    (tmp_path / "B" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a_sft))
+    out = _train(tmp_path, "B", *extra, "--resume")
+    assert "resumed from" in out and "SFT step 4," in out
+    b_sft = _rows(tmp_path / "B" / "metrics.jsonl", "sft")
+    assert [r["step"] for r in b_sft] == list(range(8))
+    _assert_same(a_sft, b_sft, rel=1e-6, keys=("sft_loss", "grad_norm", "tokens"))
+    _assert_same(_rows(tmp_path / "A" / "metrics.jsonl"), _rows(tmp_path / "B" / "metrics.jsonl"))
