@@ -157,7 +157,7 @@ def _resume_or_start(cfg, ckpt, state, logger, env) -> None:
                          f"({ckpt.run_dir / 'checkpoints' / 'LATEST'} is missing); run without --resume to start fresh"
                          if env.is_main else 1)
     ckpt.load(path)
-    logger.truncate_after(state.rl_step, state.sft_step)
+    logger.truncate_after(state.rl_step, state.sft_step, {e["stage"] for e in state.evals})
     logger.write(f"resumed from {path} (stage {state.stage}, SFT step {state.sft_step}, RL step {state.rl_step})")
 
 

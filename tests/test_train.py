@@ -141,6 +141,10 @@ def test_metrics_truncate_after_resume_step(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stream"], r["step"]) for r in rows] == [("sft", s) for s in range(5)] + [
         ("train", 0), ("train", 1), ("eval", 2)]
+    log.log(0, {"accuracy": 0.4, "stage": "after SFT"}, stream="eval")
+    log.truncate_after(0, 5, evaluated=set())  # the "sft" checkpoint, taken before the evaluation that followed it
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stream"], r["step"]) for r in rows] == [("sft", s) for s in range(5)]  # it runs again: no duplicate
     log.truncate_after(0, 3)  # a checkpoint taken mid-SFT, after 3 SFT steps
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stream"], r["step"]) for r in rows] == [("sft", 0), ("sft", 1), ("sft", 2)]

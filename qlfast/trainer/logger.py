@@ -70,8 +70,10 @@ class MetricsLogger:
         else:
             print(msg, flush=True)
 
-    def truncate_after(self, rl_step: int, sft_step: int) -> None:
-        """On resume: drop rows past the checkpoint's steps, so the metrics equal an uninterrupted run's."""
+    def truncate_after(self, rl_step: int, sft_step: int, evaluated: set[str] | None = None) -> None:
+        """On resume: drop rows past the checkpoint's steps, so the metrics equal an uninterrupted run's. Evaluation
+        rows stay when the checkpoint records their stage as done (`evaluated`; None: when their step <= rl_step): a
+        run killed after an evaluation but before the next checkpoint evaluates again, and must not leave two rows."""
         if not self.is_main or not self.path.exists():
             return
         keep = []
@@ -82,8 +84,11 @@ class MetricsLogger:
             # sft and train rows are logged after their step finished (steps 0..n-1 are done at a checkpoint of n);
             # evaluation rows carry the number of finished RL steps
             stream = r.get("stream")
-            done = sft_step if stream == "sft" else rl_step
-            if r["step"] < done or (stream not in ("sft", "train") and r["step"] <= rl_step):
+            if stream in ("sft", "train"):
+                ok = r["step"] < (sft_step if stream == "sft" else rl_step)
+            else:
+                ok = r.get("stage") in evaluated if evaluated is not None else r["step"] <= rl_step
+            if ok:
                 keep.append(line)
         self.path.write_text("".join(k + "\n" for k in keep))
 
