@@ -42,11 +42,14 @@ def main(argv: list[str] | None = None) -> None:
         rl_opt = optim.adamw(model, cfg.rl.lr, cfg.rl.weight_decay)
         rl_sched = optim.schedule(rl_opt, cfg.rl.warmup_steps)
         state = TrainState()
-        # FSDP2: model and both optimizers in dcp/; replicated: the fp32 masters when bf16 computes
-        replicated = {} if env.fsdp else {"model": precision.Weights(model), "sft_opt": sft_opt, "rl_opt": rl_opt}
+        # the same on every rank, written once: schedulers, and unless FSDP2 shards them (dcp/) the fp32 masters
+        # and both optimizers
+        replicated = {"sft_sched": sft_sched, "rl_sched": rl_sched}
+        if not env.fsdp:
+            replicated |= {"model": precision.Weights(model), "sft_opt": sft_opt, "rl_opt": rl_opt}
         ckpt = checkpoint.Checkpointer(
             ctx.run_dir, shared={"train": state, "curriculum": prompts.curriculum, "difficulty": prompts.difficulty},
-            per_rank={**replicated, "sft_sched": sft_sched, "rl_sched": rl_sched, "rng": checkpoint.RNGState()},
+            replicated=replicated, per_rank={"rng": checkpoint.RNGState()},
             sharded=(model, rl_opt, sft_opt) if env.fsdp else None,
             export=lambda d: build.export(model, d, ctx.tokenizer, env))
         _resume_or_start(cfg, ckpt, state, logger, env)

@@ -247,9 +247,11 @@ def test_an_exception_closes_the_engine_logger_and_process_group(tmp_path, monke
     assert closed == ["logger", "engine", "process group"]
 
 
-def test_checkpointer_round_trips_every_part(tmp_path):
+@pytest.mark.parametrize("layout", ["replicated", "per_rank"])
+def test_checkpointer_round_trips_every_part(tmp_path, layout):
     """What Checkpointer saves comes back into the same parts: the TrainState and the JSON parts (state.json), the
-    model, optimizer, scheduler and RNG streams (trainer-rank0.pt), and a resumed step equals the uninterrupted one."""
+    model, optimizer and scheduler (replicated.pt, written once; or, as checkpoints before it did, in
+    trainer-rank0.pt), the RNG streams (trainer-rank0.pt), and a resumed step equals the uninterrupted one."""
     from qlfast.trainer.state import TrainState
 
     class Counter:  # a JSON part, like the curriculum's samplers
@@ -268,8 +270,10 @@ def test_checkpointer_round_trips_every_part(tmp_path):
         opt = optim.adamw(model, lr=1e-2)
         sched = optim.schedule(opt, warmup=2)
         state, counter = TrainState(), Counter()
+        same = {"model": model, "opt": opt, "sched": sched}
         ckpt = checkpoint.Checkpointer(tmp_path, shared={"train": state, "counter": counter},
-                                       per_rank={"model": model, "opt": opt, "sched": sched,
+                                       replicated=same if layout == "replicated" else {},
+                                       per_rank={**({} if layout == "replicated" else same),
                                                  "rng": checkpoint.RNGState()},
                                        export=lambda d: Path(d).mkdir(parents=True))
         return model, opt, sched, state, counter, ckpt
@@ -289,7 +293,12 @@ def test_checkpointer_round_trips_every_part(tmp_path):
     counter.n = 7
     path = ckpt.save("rl-000003")
     assert (path / "state.json").exists() and (path / "trainer-rank0.pt").exists() and ckpt.latest() == path
+    own = torch.load(path / "trainer-rank0.pt", weights_only=False)
+    assert set(own) == ({"rng"} if layout == "replicated" else {"model", "opt", "sched", "rng"})
+    assert (path / "replicated.pt").exists() == (layout == "replicated")
     expected = step(model, opt, sched)
+    if layout == "per_rank":  # an old checkpoint loads into today's layout: the parts come from trainer-rank0.pt
+        layout = "replicated"
 
     model2, opt2, sched2, state2, counter2, ckpt2 = parts()
     assert state2.rl_step == 0 and counter2.n == 0

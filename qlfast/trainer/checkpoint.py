@@ -3,8 +3,9 @@
 Layout of <run_dir>/checkpoints/<tag>/ (written to <tag>.tmp first, then renamed, so a killed run never leaves a
 half-written checkpoint under a real name; a save starts by clearing any <tag>.tmp a killed save left):
     model/              Hugging Face layout (config.json, safetensors, tokenizer): loads into transformers and vLLM
-    trainer-rank<r>.pt  that rank's torch state: schedulers and RNG streams, and (unless sharded) the model and the
-                        optimizers
+    replicated.pt       the torch state that is the same on every rank, written once by rank 0: the schedulers and
+                        (unless sharded) the model's master weights and the optimizers
+    trainer-rank<r>.pt  that rank's own torch state: its RNG streams
     dcp/                FSDP2 only: the sharded model and optimizers (torch.distributed.checkpoint, one file per
                         rank), in place of their copies in trainer-rank<r>.pt
     state.json          the JSON state, the same on every rank: the run's TrainState (stage, steps, evaluations),
@@ -23,7 +24,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -75,7 +76,8 @@ class Checkpointer:
     """A run's Stateful parts and where each goes (see the module docstring):
 
         shared    JSON parts, the same on every rank -> state.json (rank 0 writes, every rank reads)
-        per_rank  torch parts -> trainer-rank<r>.pt (every rank its own), loaded in this order
+        replicated torch parts the same on every rank -> replicated.pt (rank 0 writes, every rank reads)
+        per_rank  torch parts -> trainer-rank<r>.pt (every rank its own), loaded after the replicated ones
         sharded   FSDP2's (model, optimizer, ...) -> dcp/ (collective), instead of per-rank copies
         export    writes the HF model directory model/ (a collective under FSDP2; rank 0 writes)
     """
@@ -86,12 +88,15 @@ class Checkpointer:
     export: Callable[[str], None]
     sharded: tuple | None = None
     keep: int = 2
+    replicated: dict[str, Stateful] = field(default_factory=dict)
 
     def save(self, tag: str) -> Path:
         """Write checkpoint `tag` (collective); -> its path."""
         return save(self.run_dir, tag, save_model=self.export, keep=self.keep, sharded=self.sharded,
                     state={name: part.state_dict() for name, part in self.shared.items()},
-                    trainer_state={name: part.state_dict() for name, part in self.per_rank.items()})
+                    trainer_state={name: part.state_dict() for name, part in self.per_rank.items()},
+                    replicated_state=({name: part.state_dict() for name, part in self.replicated.items()}
+                                      if _rank() == 0 else None))
 
     def latest(self) -> Path | None:
         return latest(self.run_dir)
@@ -99,16 +104,22 @@ class Checkpointer:
     def load(self, path: str | Path) -> None:
         """Load every part from checkpoint `path` (collective under FSDP2)."""
         state, trainer_state = load(path)
+        replicated_file = Path(path) / "replicated.pt"
+        # checkpoints written before replicated.pt existed hold these parts in every trainer-rank<r>.pt
+        replicated = (torch.load(replicated_file, map_location="cpu", weights_only=False)  # not rank 0's devices
+                      if replicated_file.exists() else trainer_state)
         for name, part in self.shared.items():
             part.load_state_dict(state[name])
         if self.sharded is not None:
             load_sharded(Path(path) / "dcp", *self.sharded)
+        for name, part in self.replicated.items():
+            part.load_state_dict(replicated[name])
         for name, part in self.per_rank.items():
             part.load_state_dict(trainer_state[name])
 
 
 def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_state: dict, keep: int = 2,
-         sharded: tuple | None = None) -> Path:
+         sharded: tuple | None = None, replicated_state: dict | None = None) -> Path:
     """Write checkpoint `tag` on every rank (rank 0 writes the model and state.json); return its final path.
 
     save_model(dir) writes the HF model directory (called on every rank: FSDP gathers are collective; the callee
@@ -128,6 +139,8 @@ def save(run_dir: str | Path, tag: str, *, save_model, state: dict, trainer_stat
         if sharded is not None:
             save_sharded(tmp / "dcp", *sharded)
         torch.save(trainer_state, tmp / f"trainer-rank{rank}.pt")
+        if rank == 0 and replicated_state:  # once, not once per rank
+            torch.save(replicated_state, tmp / "replicated.pt")
         if rank == 0:
             (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
     except RuntimeError as e:  # torch's zip writer reports a full disk as "unexpected pos N vs M", with no path

@@ -158,6 +158,11 @@ def test_sft_checkpoints_every_n_steps_and_a_run_killed_in_sft_resumes_there(tmp
     assert json.loads((snapshot / "state.json").read_text())["train"]["sft_step"] == 4
     if mode == "fsdp":
         assert (snapshot / "dcp").is_dir()
+    else:  # the replicated weights and optimizers once, not once per rank
+        import torch
+
+        assert (snapshot / "replicated.pt").exists()
+        assert set(torch.load(snapshot / "trainer-rank1.pt", weights_only=False)) == {"rng"}
 
     a_sft = _rows(tmp_path / "A" / "metrics.jsonl", "sft")
     assert [r["step"] for r in a_sft] == list(range(8))
