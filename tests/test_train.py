@@ -28,7 +28,7 @@ def test_overrides_parse_by_declared_type():
     ("--rl.phases=100:10", "max_prompt:max_response:steps"),
     ("--rl.lr", "overrides are --section.key=value"),
     ("--model.sp_attention=hybrid", "needs --model.sp_ulysses=U dividing"),
-    ("--model.sp_attention=zigzag", "ring, ulysses or hybrid"),
+    ("--model.sp_attention=zigzag", "--model.sp_attention=zigzag: must be one of ring, ulysses, hybrid"),
 ])
 def test_bad_overrides_name_the_problem(arg, msg, capsys):
     with pytest.raises(SystemExit):
@@ -226,8 +226,8 @@ def test_an_exception_closes_the_engine_logger_and_process_group(tmp_path, monke
 
     def start(cfg, env, reward):
         tokenizer = SimpleNamespace(eos_token_id=0)
-        ctx = RunContext(cfg, env, tokenizer, torch.nn.Linear(3, 2), SimpleNamespace(sft=[]), reward, Closes("logger"),
-                         tmp_path)
+        ds = SimpleNamespace(sft=[], sft_prompt_ids=[])
+        ctx = RunContext(cfg, env, tokenizer, torch.nn.Linear(3, 2), ds, reward, Closes("logger"), tmp_path)
         return ctx, SimpleNamespace(curriculum=None, difficulty=None)
 
     def start_engine(self, weight_version=0):
