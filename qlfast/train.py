@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                                  micro_tokens=cfg.rl.micro_batch_tokens, max_grad_norm=cfg.rl.max_grad_norm,
                                  backend=cfg.model.logprob_backend)
                 state.sft_step = step + 1
-                if step % 10 == 0 or step + 1 == cfg.sft.steps:
+                if step % 100 == 0 or step + 1 == cfg.sft.steps:  # the SFT bar shows every step
                     logger.write(f"SFT step {step + 1}/{cfg.sft.steps}: loss {m['sft_loss']:.4f}")
                 logger.log(step, {k: v for k, v in m.items() if k != "finite"}, stream="sft")
                 if (step + 1) % cfg.sft.checkpoint_every == 0 and step + 1 < cfg.sft.steps:
