@@ -13,6 +13,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from qlfast.ops.policy_loss import KL_TYPES, LOSS_AGGS
 from qlfast.rl.curriculum import Phase
 
 
@@ -461,8 +462,8 @@ RULES: dict[str, Rule] = {
     "rl.batch_size": _ge(1), "rl.group_size": _ge(2), "rl.mini_batch_size": _ge(1), "rl.micro_batch_tokens": _ge(1),
     "rl.lr": _gt(0), "rl.warmup_steps": _ge(0), "rl.weight_decay": _ge(0), "rl.max_grad_norm": _gt(0),
     "rl.temperature": _gt(0), "rl.top_p": _SHARE, "rl.clip_low": Rule(lo=0.0, hi=1.0), "rl.clip_high": _ge(0),
-    "rl.loss_agg": _one_of("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
-    "rl.kl_coef": _ge(0), "rl.kl_type": _one_of("k1", "k2", "k3"), "rl.entropy_coef": _ge(0), "rl.tis_cap": _ge(1),
+    "rl.loss_agg": _one_of(*LOSS_AGGS),
+    "rl.kl_coef": _ge(0), "rl.kl_type": _one_of(*KL_TYPES), "rl.entropy_coef": _ge(0), "rl.tis_cap": _ge(1),
     "rl.max_gen_rounds": _ge(1), "rl.overlong_window": _ge(0), "rl.overlong_penalty": _ge(0),
     "rl.retro_fraction": Rule(lo=0.0, hi=1.0), "rl.difficulty": _one_of("inverse", "one_minus"),
     "rl.difficulty_cap": _gt(0),
